@@ -1,0 +1,211 @@
+"""Config building blocks and validation shared by the files in ``configs/``.
+
+Config files stay big_vision style (``get_config(arg)`` returning a ConfigDict,
+run command in the docstring); what they share lives here so that ``sde_256``
+and ``sde_384`` differ only in the numbers that really differ.
+
+Validation turns an impossible config into one line that names the field and
+the fix (``ConfigError``), before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from muse_jax.models import discriminator as discriminator_lib
+from muse_jax.models import sde as sde_lib
+from muse_jax.models import siglip
+from muse_jax.models import vqgan
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def check(ok: bool, field: str, problem: str, fix: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: {problem}; {fix}")
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """``"demo,res=384"`` -> {"demo": "", "res": "384"} (big_vision-style config args)."""
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    out[key.strip()] = value.strip()
+  return out
+
+
+def sde_defaults() -> ml_collections.ConfigDict:
+  """Everything of an SDE tokenizer run except model shapes and data (LlamaGen defaults)."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "sde"
+  c.seed = 0
+  c.total_steps = 400_000          # LlamaGen: 40 ImageNet epochs at batch 128
+  c.batch_size = 128               # global
+  c.loss = ml_collections.ConfigDict(dict(
+      l2_weight=1.0,
+      perceptual_weight=1.0,
+      semantic_weight=1.0,
+      codebook_weight=1.0,
+      commitment_beta=0.25,
+      entropy_weight=0.0,          # LlamaGen option, off in the paper
+      entropy_temperature=0.01,
+      disc_weight=0.5,
+      disc_start=20_000,
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05,           # coupled L2 as torch.optim.Adam, LlamaGen's default
+      grad_clip=1.0,
+      warmup_steps=0,
+      schedule="constant",         # constant | cosine
+  ))
+  c.disc_optimizer = ml_collections.ConfigDict(dict(c.optimizer.to_dict()))
+  c.discriminator = ml_collections.ConfigDict(dict(ndf=64, n_layers=3, norm_groups=32))
+  c.lpips_checkpoint = ""          # converted LPIPS weights (python -m muse_jax.convert lpips)
+  c.lpips_width_divisor = 1        # >1 narrows VGG16 (CPU demos only; real weights need 1)
+  c.siglip_checkpoint = ""         # converted SigLIP tower: initialises both encoders
+  c.log_every = 50
+  c.eval_every = 5_000
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+  c.usage_window = 1_000           # steps over which codebook usage is measured
+  c.num_grid_images = 8
+  return c
+
+
+def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_heads: int,
+              mlp_dim: int, drop_partial_patches: bool = False) -> ml_collections.ConfigDict:
+  """Model block of an SDE config; the encoders take the SigLIP tower's shape."""
+  return ml_collections.ConfigDict(dict(
+      mode="both",
+      encoder=dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+                   num_heads=num_heads, mlp_dim=mlp_dim, layer_norm_eps=1e-6,
+                   drop_partial_patches=drop_partial_patches),
+      codebook_size=32768,
+      code_dim=8,
+      semantic_decoder=dict(depth=3, width=width, num_heads=num_heads, mlp_dim=mlp_dim),
+      decoder=dict(z_channels=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3,
+                   norm_groups=32),
+      dtype="bfloat16",
+      param_dtype="float32",
+      attention_impl="xla",
+      vq_impl="xla",
+  ))
+
+
+def shrink_for_demo(c: ml_collections.ConfigDict, *, image_size: int, patch_size: int) -> None:
+  """Same code path, laptop-sized: small widths, bundled images, minutes on 2 CPU cores."""
+  m = c.model
+  m.encoder.update(image_size=image_size, patch_size=patch_size, width=64, depth=2,
+                   num_heads=2, mlp_dim=256)
+  m.semantic_decoder.update(depth=1, width=64, num_heads=2, mlp_dim=256)
+  m.codebook_size = 1024
+  m.decoder.update(z_channels=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8)
+  m.dtype = "float32"              # bf16 matmuls are emulated (slow) on CPU
+  c.discriminator.update(ndf=32, norm_groups=8)
+  c.lpips_width_divisor = 4
+  c.batch_size = 8
+  c.total_steps = 400
+  c.loss.disc_start = 300
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 20
+  c.optimizer.weight_decay = c.disc_optimizer.weight_decay = 0.0
+  c.log_every = 20
+  c.eval_every = 100
+  c.checkpoint_every = 100
+  c.usage_window = 50
+  c.num_grid_images = 4
+
+
+def sde_model_config(c: ml_collections.ConfigDict) -> sde_lib.SDEConfig:
+  """ConfigDict -> the model's frozen dataclasses (after ``validate_sde``)."""
+  m = c.model
+  enc = m.encoder
+  encoder = siglip.SiglipConfig(
+      image_size=enc.image_size, patch_size=enc.patch_size, width=enc.width, depth=enc.depth,
+      num_heads=enc.num_heads, mlp_dim=enc.mlp_dim, layer_norm_eps=enc.layer_norm_eps,
+      dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl)
+  decoder = vqgan.DecoderConfig(
+      z_channels=m.decoder.z_channels, ch=m.decoder.ch, ch_mult=tuple(m.decoder.ch_mult),
+      num_res_blocks=m.decoder.num_res_blocks, norm_groups=m.decoder.norm_groups,
+      dtype=m.dtype, param_dtype=m.param_dtype)
+  sd = m.semantic_decoder
+  return sde_lib.SDEConfig(
+      encoder=encoder, decoder=decoder, mode=m.mode, codebook_size=m.codebook_size,
+      code_dim=m.code_dim, semantic_decoder_depth=sd.depth, semantic_decoder_width=sd.width,
+      semantic_decoder_heads=sd.num_heads, semantic_decoder_mlp_dim=sd.mlp_dim,
+      vq_impl=m.vq_impl)
+
+
+def discriminator_config(c: ml_collections.ConfigDict) -> discriminator_lib.DiscriminatorConfig:
+  d = c.discriminator
+  return discriminator_lib.DiscriminatorConfig(
+      ndf=d.ndf, n_layers=d.n_layers, norm_groups=d.norm_groups, dtype=c.model.dtype,
+      param_dtype=c.model.param_dtype)
+
+
+def _check_divisible(value: int, by: int, field: str, what: str) -> None:
+  check(by > 0 and value % by == 0, field, f"{value} is not divisible by {what} ({by})",
+        f"set it to a multiple of {by}")
+
+
+def validate_sde(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for an SDE config that cannot build or train."""
+  m = c.model
+  enc = m.encoder
+  check(m.mode in sde_lib.MODES, "model.mode", f"{m.mode!r} is not an ablation mode",
+        f"use one of {sde_lib.MODES} (Table 6: image only, semantic only, both)")
+  for field in ("dtype", "param_dtype"):
+    check(m[field] in DTYPES, f"model.{field}", f"{m[field]!r} is not a dtype",
+          f"use one of {DTYPES}")
+  check(enc.patch_size > 0 and enc.image_size >= enc.patch_size, "model.encoder.patch_size",
+        f"patch {enc.patch_size} does not fit image_size {enc.image_size}",
+        "use a positive patch size no larger than the image")
+  if enc.image_size % enc.patch_size and not enc.drop_partial_patches:
+    raise ConfigError(
+        f"config.model.encoder.image_size: {enc.image_size} is not divisible by patch_size "
+        f"{enc.patch_size}; use a multiple of {enc.patch_size} (e.g. "
+        f"{enc.image_size // enc.patch_size * enc.patch_size}), or set "
+        "config.model.encoder.drop_partial_patches=True to drop edge pixels as SigLIP-SO400M/14 "
+        "at 384 px does")
+  _check_divisible(enc.width, enc.num_heads, "model.encoder.width", "num_heads")
+  sd = m.semantic_decoder
+  _check_divisible(sd.width, sd.num_heads, "model.semantic_decoder.width", "num_heads")
+  check(sd.depth >= 1, "model.semantic_decoder.depth", f"{sd.depth} layers", "use at least 1")
+  check(m.code_dim >= 1, "model.code_dim", f"{m.code_dim} is not a code width",
+        "use a positive code dimension (the paper uses 8)")
+  check(m.codebook_size >= 2, "model.codebook_size", f"{m.codebook_size} entries",
+        "use at least 2 codebook entries (the paper uses 32768)")
+  factor = 2 ** (len(m.decoder.ch_mult) - 1)
+  _check_divisible(enc.image_size, factor, "model.encoder.image_size",
+                   f"the pixel decoder's upsampling factor 2**(len(decoder.ch_mult)-1)")
+  check(enc.image_size // enc.patch_size >= enc.image_size // factor, "model.decoder.ch_mult",
+        f"the decoder grid {enc.image_size // factor} is finer than the token grid "
+        f"{enc.image_size // enc.patch_size}", "add a level to decoder.ch_mult")
+  widths = [m.decoder.ch * k for k in m.decoder.ch_mult]
+  check(all(w % m.decoder.norm_groups == 0 for w in widths), "model.decoder.norm_groups",
+        f"{m.decoder.norm_groups} groups do not divide the decoder widths {widths}",
+        "use a divisor of decoder.ch")
+  d = c.discriminator
+  widths = [d.ndf * min(2 ** k, 8) for k in range(d.n_layers + 1)]
+  check(all(w % d.norm_groups == 0 for w in widths), "discriminator.norm_groups",
+        f"{d.norm_groups} groups do not divide the discriminator widths {widths}",
+        "use a divisor of discriminator.ndf")
+  check(c.batch_size >= 1, "batch_size", f"{c.batch_size}", "use a positive global batch")
+  for opt in ("optimizer", "disc_optimizer"):
+    check(c[opt].schedule in ("constant", "cosine"), f"{opt}.schedule",
+          f"{c[opt].schedule!r} is unknown", "use 'constant' or 'cosine'")
+  check(c.lpips_width_divisor == 1 or not c.lpips_checkpoint, "lpips_width_divisor",
+        f"{c.lpips_width_divisor} narrows VGG16 but converted LPIPS weights are given",
+        "set it to 1 (published weights are full width)")
+  check(c.lpips_width_divisor >= 1 and 64 % c.lpips_width_divisor == 0, "lpips_width_divisor",
+        f"{c.lpips_width_divisor}", "use 1, 2, 4, 8, 16, 32 or 64")
+  check(c.total_steps >= 1, "total_steps", f"{c.total_steps}", "train for at least one step")
+  if "data" in c and c.data.get("image_size", enc.image_size) != enc.image_size:
+    raise ConfigError(
+        f"config.data.image_size: {c.data.image_size} differs from model.encoder.image_size "
+        f"{enc.image_size}; set both to the same value")

@@ -1,0 +1,111 @@
+"""Layers shared by every model family.
+
+Each parameter carries *logical* axis names (``embed``, ``mlp``, ``heads``, ...)
+in its ``out_sharding`` metadata. Models never name mesh axes: the rules table in
+``muse_jax.parallel.sharding`` maps logical names to mesh axes when a trainer
+places the state on a mesh. Eager sharding is off so that building a model needs
+no mesh at all (CPU tests, ``jax.eval_shape``).
+
+Logical names used across the code base:
+  embed       model width of a transformer (residual stream)
+  mlp         hidden width of a feed-forward block
+  heads       query heads x head_dim (flattened)
+  kv_heads    key/value heads x head_dim (flattened)
+  vocab       rows of a token embedding / LM head
+  positions   rows of a learned position table
+  patch       flattened patch pixels of a ViT stem
+  conv_h, conv_w  spatial taps of a conv kernel
+  conv_in, conv_out  input / output channels of a conv kernel
+  norm        scale / bias of a normalisation layer
+  codebook    entries of a VQ codebook
+  code_dim    width of a VQ code
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def logical(init: Initializer, *names: str | None) -> Initializer:
+  """Wraps an initializer so the created parameter records logical axis names."""
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
+          names: Sequence[str | None], dtype: Dtype = jnp.float32) -> nnx.Param:
+  """A free-standing parameter (position tables, codebooks) with logical axes."""
+  if len(shape) != len(names):
+    raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {names}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
+                   out_sharding=tuple(names), eager_sharding=False)
+
+
+def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
+           rngs: nnx.Rngs, use_bias: bool = True, dtype: Dtype = None,
+           param_dtype: Dtype = jnp.float32,
+           kernel_init: Initializer = default_kernel_init) -> nnx.Linear:
+  """nnx.Linear whose kernel is [in, out] with logical names ``names``.
+
+  The layout is the transpose of ``torch.nn.Linear.weight``; conversion from
+  Hugging Face checkpoints is a plain transpose.
+  """
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=logical(kernel_init, *names),
+      bias_init=logical(nnx.initializers.zeros_init(), names[1]),
+      rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs,
+         strides: int = 1, padding: str | int | Sequence[tuple[int, int]] = "SAME",
+         use_bias: bool = True, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
+         kernel_init: Initializer = default_kernel_init) -> nnx.Conv:
+  """2-D NHWC convolution; kernel is [kh, kw, in, out] (HWIO)."""
+  return nnx.Conv(
+      in_features, out_features, (kernel_size, kernel_size), strides=strides,
+      padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=logical(kernel_init, "conv_h", "conv_w", "conv_in", "conv_out"),
+      bias_init=logical(nnx.initializers.zeros_init(), "conv_out"),
+      rngs=rngs)
+
+
+def layer_norm(features: int, *, rngs: nnx.Rngs, eps: float = 1e-6, dtype: Dtype = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      features, epsilon=eps, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      scale_init=logical(nnx.initializers.ones_init(), "norm"),
+      bias_init=logical(nnx.initializers.zeros_init(), "norm"),
+      rngs=rngs)
+
+
+def group_norm(features: int, *, rngs: nnx.Rngs, num_groups: int = 32, eps: float = 1e-6,
+               dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> nnx.GroupNorm:
+  if features % num_groups:
+    raise ValueError(f"GroupNorm: {features} channels are not divisible into {num_groups} groups")
+  return nnx.GroupNorm(
+      features, num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      scale_init=logical(nnx.initializers.ones_init(), "norm"),
+      bias_init=logical(nnx.initializers.zeros_init(), "norm"),
+      rngs=rngs)
+
+
+def embed(num_embeddings: int, features: int, names: tuple[str, str] = ("vocab", "embed"), *,
+          rngs: nnx.Rngs, dtype: Dtype = None, param_dtype: Dtype = jnp.float32,
+          init: Initializer = nnx.initializers.normal(0.02)) -> nnx.Embed:
+  return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+                   embedding_init=logical(init, *names), rngs=rngs)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps), matching torch.nn.functional.normalize."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
+  return (x / jnp.maximum(norm, eps).astype(x.dtype))

@@ -1,0 +1,155 @@
+"""SigLIP vision tower (ViT without class token), laid out like Hugging Face.
+
+Attribute paths mirror ``transformers.SiglipVisionModel.vision_model`` so that
+conversion is mechanical: ``embeddings.patch_embedding`` (conv, HWIO here, OIHW
+in torch), ``embeddings.position_embedding``, ``encoder.layers[i].self_attn.
+{q,k,v,out}_proj``, ``layer_norm1/2``, ``mlp.fc1/fc2``, ``post_layernorm``.
+Linear kernels are the transposes of torch weights. The attention-pooling head
+of SigLIP is not part of the tower: the SDE tokenizer uses per-patch features
+(``last_hidden_state``).
+
+The same ``VisionTransformer`` body also serves as the SDE semantic decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from muse_jax.kernels import attention
+from muse_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+  image_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  layer_norm_eps: float = 1e-6
+  dtype: str = "float32"          # compute dtype
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+
+class Attention(nnx.Module):
+  """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
+
+  def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32, attention_impl: str = "xla"):
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.attention_impl = attention_impl
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = layers.linear(width, width, ("embed", "heads"), **kw)
+    self.k_proj = layers.linear(width, width, ("embed", "heads"), **kw)
+    self.v_proj = layers.linear(width, width, ("embed", "heads"), **kw)
+    self.out_proj = layers.linear(width, width, ("heads", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, c = x.shape
+    split = lambda t: t.reshape(b, n, self.num_heads, c // self.num_heads)
+    out = attention.dot_product_attention(
+        split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+        impl=self.attention_impl)
+    return self.out_proj(out.reshape(b, n, c))
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs, dtype=None,
+               param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.fc1 = layers.linear(width, mlp_dim, ("embed", "mlp"), **kw)
+    self.fc2 = layers.linear(mlp_dim, width, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_pytorch_tanh
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, eps: float, *,
+               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention_impl="xla"):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.layer_norm1 = layers.layer_norm(width, eps=eps, **kw)
+    self.self_attn = Attention(width, num_heads, attention_impl=attention_impl, **kw)
+    self.layer_norm2 = layers.layer_norm(width, eps=eps, **kw)
+    self.mlp = Mlp(width, mlp_dim, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x))
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nnx.Module):
+
+  def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, eps: float, *,
+               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention_impl="xla"):
+    self.layers = nnx.List([
+        EncoderLayer(width, num_heads, mlp_dim, eps, rngs=rngs, dtype=dtype,
+                     param_dtype=param_dtype, attention_impl=attention_impl)
+        for _ in range(depth)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+class PatchEmbeddings(nnx.Module):
+  """Non-overlapping patch conv + learned position table (no class token).
+
+  As in Hugging Face, pixels past the last whole patch are dropped (SigLIP
+  SO400M/14 at 384 px sees 27 x 14 = 378 of them).
+  """
+
+  def __init__(self, config: SiglipConfig, *, rngs: nnx.Rngs):
+    p = config.patch_size
+    self.patch_embedding = layers.conv(
+        3, config.width, p, strides=p, padding="VALID", rngs=rngs,
+        dtype=config.dtype, param_dtype=config.param_dtype)
+    self.position_embedding = layers.embed(
+        config.num_patches, config.width, ("positions", "embed"), rngs=rngs,
+        dtype=config.dtype, param_dtype=config.param_dtype)
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    x = self.patch_embedding(pixels)                     # [B, g, g, C]
+    b, gh, gw, c = x.shape
+    x = x.reshape(b, gh * gw, c)
+    return x + self.position_embedding.embedding[...].astype(x.dtype)[None]
+
+
+class SiglipVisionTower(nnx.Module):
+  """Pixels NHWC in [-1, 1] -> ``last_hidden_state`` [B, num_patches, width]."""
+
+  def __init__(self, config: SiglipConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+    self.embeddings = PatchEmbeddings(config, rngs=rngs)
+    self.encoder = Encoder(config.width, config.depth, config.num_heads, config.mlp_dim,
+                           config.layer_norm_eps, attention_impl=config.attention_impl, **kw)
+    self.post_layernorm = layers.layer_norm(config.width, eps=config.layer_norm_eps, **kw)
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    expected = (self.config.image_size, self.config.image_size, 3)
+    if pixels.shape[1:] != expected:
+      raise ValueError(f"SigLIP tower expects images of shape [B, {expected}], got "
+                       f"{pixels.shape}")
+    x = self.embeddings(pixels.astype(self.config.dtype))
+    return self.post_layernorm(self.encoder(x))

@@ -1,0 +1,99 @@
+"""Orbax checkpoints: the train state and the data iterator, saved together.
+
+Each step directory holds two items: ``state`` (a pytree of arrays: step,
+parameters, optimiser states) and ``data`` (the input pipeline's JSON state), so
+a resumed run continues on exactly the batches it would have seen. Orbax writes
+into a temporary directory and renames it when complete, so a run killed during a
+save resumes from the previous complete checkpoint.
+
+Before restoring, every array's shape is compared with what the current config
+builds; a mismatch names the tensor and both shapes instead of failing deep in
+Orbax (e.g. a run restarted with a different ``model.code_dim``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose tensors do not fit the model the config builds."""
+
+
+def _path_str(path) -> str:
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+
+
+def check_shapes(expected: Any, found: Any, where: str) -> None:
+  """Compares two pytrees leaf by leaf (shape only); raises naming the first difference."""
+  exp = {_path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  got = {_path_str(p): tuple(getattr(x, "shape", np.shape(x)))
+         for p, x in jax.tree_util.tree_leaves_with_path(found)}
+  missing = sorted(set(exp) - set(got))
+  if missing:
+    raise CheckpointMismatchError(f"{where}: tensor {missing[0]} (shape {exp[missing[0]]}) is "
+                                  f"missing from the checkpoint ({len(missing)} missing)")
+  extra = sorted(set(got) - set(exp))
+  if extra:
+    raise CheckpointMismatchError(f"{where}: checkpoint has tensor {extra[0]} (shape "
+                                  f"{got[extra[0]]}) that the model does not")
+  for name, shape in exp.items():
+    if got[name] != shape:
+      raise CheckpointMismatchError(
+          f"{where}: tensor {name} has shape {got[name]} in the checkpoint but the model "
+          f"expects {shape}; the config differs from the one that wrote it")
+
+
+class Checkpointer:
+  """Interval + final saves of (state, data state); keeps the last ``keep``."""
+
+  def __init__(self, directory: str, *, keep: int = 3):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores into the structure, shapes, dtypes and shardings of ``abstract_state``."""
+    found = self._manager.item_metadata(step)["state"]
+    check_shapes(abstract_state, found, f"checkpoint {self.directory}/{step}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def save_params(path: str, params: Any) -> None:
+  """Writes a parameter pytree (e.g. converted weights) as one Orbax checkpoint."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), params, force=True)
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """Reads a ``save_params`` checkpoint into the structure of ``abstract_params``."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no parameter checkpoint at {path}")
+  with ocp.StandardCheckpointer() as ckptr:
+    check_shapes(abstract_params, ckptr.metadata(path).item_metadata, path)
+    return ckptr.restore(path, abstract_params)

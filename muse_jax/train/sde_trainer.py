@@ -1,0 +1,300 @@
+"""SDE tokenizer training stage: state, jitted steps, and the loop.
+
+One train step updates the generator (tokenizer) and, once ``loss.disc_start``
+is reached, the PatchGAN discriminator. Before that step the GAN is not merely
+weighted by zero: the step is compiled without it, so early training pays
+nothing for the discriminator.
+
+The step is a pure function of (state, batch): there is no dropout or noise,
+and the data pipeline's randomness lives in its own checkpointed state, so a
+resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from muse_jax import config_lib
+from muse_jax import data as data_lib
+from muse_jax.models import discriminator as discriminator_lib
+from muse_jax.models import lpips as lpips_lib
+from muse_jax.models import sde as sde_lib
+from muse_jax.models import siglip
+from muse_jax.train import checkpoint as checkpoint_lib
+from muse_jax.train import losses
+from muse_jax.train import metrics as metrics_lib
+from muse_jax.train import optimizers
+
+HEADLINE = ("loss/total", "loss/l2", "loss/lpips", "loss/semantic", "codebook/usage",
+            "codebook/perplexity")
+
+
+class Models:
+  """The modules of the stage, split into graph definitions and states."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, seed: int):
+    model_cfg = config_lib.sde_model_config(config)
+    rngs = nnx.Rngs(seed)
+    self.model_cfg = model_cfg
+    tokenizer = sde_lib.SDETokenizer(model_cfg, rngs=rngs)
+    self.graphdef, self.trainable, self.frozen = nnx.split(tokenizer, sde_lib.TRAINABLE, ...)
+    self.has_disc = model_cfg.has_image_branch
+    if self.has_disc:
+      disc = discriminator_lib.PatchGAN(config_lib.discriminator_config(config),
+                                        rngs=nnx.Rngs(seed + 1))
+      self.disc_graphdef, self.disc_params = nnx.split(disc)
+      lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(seed + 2), width_divisor=config.lpips_width_divisor)
+      self.lpips_graphdef, self.lpips_params = nnx.split(lpips)
+    else:
+      self.disc_graphdef = self.disc_params = self.lpips_graphdef = self.lpips_params = None
+
+  def tokenizer(self, trainable, frozen) -> sde_lib.SDETokenizer:
+    return nnx.merge(self.graphdef, trainable, frozen)
+
+
+def load_pretrained(models: Models, config: ml_collections.ConfigDict) -> None:
+  """Converted SigLIP weights into both encoders, converted LPIPS weights into LPIPS."""
+  if config.siglip_checkpoint:
+    tok = models.tokenizer(models.trainable, models.frozen)
+    for tower in (tok.image_encoder, tok.semantic_encoder):
+      if tower is not None:
+        params = nnx.state(tower, nnx.Param)
+        nnx.update(tower, checkpoint_lib.load_params(config.siglip_checkpoint, params))
+    _, models.trainable, models.frozen = nnx.split(tok, sde_lib.TRAINABLE, ...)
+    logging.info("initialised image and semantic encoders from %s", config.siglip_checkpoint)
+  elif models.model_cfg.has_semantic_branch:
+    logging.warning("config.siglip_checkpoint is empty: the frozen semantic encoder keeps its "
+                    "random init, so L_sem teaches nothing about SigLIP semantics "
+                    "(fine for the demo; convert SigLIP weights for real runs)")
+  if models.lpips_params is None:
+    return
+  if config.lpips_checkpoint:
+    models.lpips_params = checkpoint_lib.load_params(config.lpips_checkpoint,
+                                                     models.lpips_params)
+    logging.info("LPIPS weights from %s", config.lpips_checkpoint)
+  else:
+    logging.warning("config.lpips_checkpoint is empty: LPIPS uses RANDOM VGG16 weights, so the "
+                    "perceptual loss is not the published LPIPS (convert the public weights "
+                    "with `python -m muse_jax.convert lpips`)")
+
+
+def code_perplexity(codes: jax.Array, codebook_size: int) -> tuple[jax.Array, jax.Array]:
+  """(per-code counts [K], perplexity exp(H) of the batch's code distribution)."""
+  counts = jnp.bincount(codes.reshape(-1), length=codebook_size)
+  p = counts / jnp.maximum(jnp.sum(counts), 1)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return counts, jnp.exp(entropy)
+
+
+def make_steps(models: Models, config: ml_collections.ConfigDict,
+               tx: optax.GradientTransformation, lr: optax.Schedule,
+               dtx: optax.GradientTransformation | None):
+  """Returns jitted ``train_step(state, lpips_params, images, use_gan)`` and
+  ``eval_step(state, images)``. LPIPS weights are an argument, not state: they are
+  fixed and come from ``config.lpips_checkpoint``, not from the run's checkpoints."""
+  lc = config.loss
+  cfg = models.model_cfg
+  entropy_t = lc.entropy_temperature if lc.entropy_weight else None
+
+  def generator_loss(trainable, frozen, disc_params, lpips_params, images, use_gan):
+    tok = models.tokenizer(trainable, frozen)
+    out = tok(images, entropy_temperature=entropy_t)
+    q = out["quantized"]
+    terms = {"loss/codebook": q.codebook_loss, "loss/commitment": q.commitment_loss}
+    total = lc.codebook_weight * (q.codebook_loss + lc.commitment_beta * q.commitment_loss)
+    if entropy_t is not None:
+      terms["loss/entropy"] = q.entropy_loss
+      total += lc.entropy_weight * q.entropy_loss
+    recon = out.get("reconstruction")
+    if recon is not None:
+      lpips = nnx.merge(models.lpips_graphdef, lpips_params)
+      terms["loss/l2"] = losses.l2(images, recon)
+      terms["loss/lpips"] = jnp.mean(lpips(images, recon))
+      total += lc.l2_weight * terms["loss/l2"] + lc.perceptual_weight * terms["loss/lpips"]
+      if use_gan:
+        disc = nnx.merge(models.disc_graphdef, disc_params)
+        terms["loss/generator_adv"] = losses.hinge_generator(disc(recon))
+        total += lc.disc_weight * terms["loss/generator_adv"]
+    if cfg.has_semantic_branch:
+      terms["loss/semantic"] = losses.cosine_distance(out["semantic_prediction"],
+                                                      out["semantic_target"])
+      total += lc.semantic_weight * terms["loss/semantic"]
+    terms["loss/total"] = total
+    return total, (terms, recon, q.codes)
+
+  def train_step(state, lpips_params, images, use_gan):
+    grads, (terms, recon, codes) = jax.grad(generator_loss, has_aux=True)(
+        state["params"], state["frozen"], state.get("disc_params"), lpips_params,
+        images, use_gan)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
+               step=state["step"] + 1)
+    counts, perplexity = code_perplexity(codes, cfg.codebook_size)
+    out = dict(terms, **{"grad_norm/generator": optax.global_norm(grads),
+                         "lr": lr(state["step"]), "codebook/perplexity": perplexity})
+    if use_gan:
+      fake = jax.lax.stop_gradient(recon)
+
+      def disc_loss(disc_params):
+        d = nnx.merge(models.disc_graphdef, disc_params)
+        real_logits, fake_logits = d(images), d(fake)
+        return losses.hinge_discriminator(real_logits, fake_logits), (
+            jnp.mean(real_logits), jnp.mean(fake_logits))
+
+      (d_loss, (real_mean, fake_mean)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
+          state["disc_params"])
+      d_updates, d_opt = dtx.update(d_grads, state["disc_opt_state"], state["disc_params"])
+      new.update(disc_params=optax.apply_updates(state["disc_params"], d_updates),
+                 disc_opt_state=d_opt)
+      out.update({"loss/discriminator": d_loss, "grad_norm/discriminator":
+                  optax.global_norm(d_grads), "disc/logits_real": real_mean,
+                  "disc/logits_fake": fake_mean})
+    return new, out, counts
+
+  def eval_step(state, images):
+    tok = models.tokenizer(state["params"], state["frozen"])
+    out = tok(images)
+    result = {}
+    if "reconstruction" in out:
+      recon = out["reconstruction"]
+      result.update(reconstruction=recon, psnr=losses.psnr(images, recon),
+                    ssim=losses.ssim(images, recon))
+    if "semantic_prediction" in out:
+      result["semantic_cos"] = 1.0 - losses.cosine_distance(out["semantic_prediction"],
+                                                            out["semantic_target"])
+    return result
+
+  return (jax.jit(train_step, static_argnames="use_gan", donate_argnums=0),
+          jax.jit(eval_step))
+
+
+def init_state(models: Models, tx, dtx) -> dict[str, Any]:
+  state = {"step": jnp.zeros((), jnp.int32), "params": models.trainable,
+           "frozen": models.frozen, "opt_state": tx.init(models.trainable)}
+  if models.has_disc:
+    state.update(disc_params=models.disc_params, disc_opt_state=dtx.init(models.disc_params))
+  return state
+
+
+class CodebookUsage:
+  """Fraction of codebook entries hit at least once over the last ``window`` steps."""
+
+  def __init__(self, codebook_size: int, window: int):
+    self._counts = np.zeros(codebook_size, np.int64)
+    self._history = collections.deque()
+    self._window = window
+
+  def add(self, counts: np.ndarray) -> None:
+    self._counts += counts
+    self._history.append(counts)
+    if len(self._history) > self._window:
+      self._counts -= self._history.popleft()
+
+  def fraction(self) -> float:
+    return float(np.mean(self._counts > 0))
+
+
+def evaluate(eval_step, state, eval_images: np.ndarray, writer: metrics_lib.MetricWriter,
+             step: int, workdir: str, num_grid: int) -> dict[str, float]:
+  out = jax.device_get(eval_step(state, jnp.asarray(eval_images)))
+  scalars = {}
+  if "psnr" in out:
+    scalars.update({"eval/psnr": float(np.mean(out["psnr"])),
+                    "eval/ssim": float(np.mean(out["ssim"]))})
+    grid = metrics_lib.image_grid([eval_images[:num_grid], out["reconstruction"][:num_grid]])
+    writer.write_images(step, {"eval/inputs_vs_reconstructions": grid})
+    os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
+    Image.fromarray(grid).save(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
+  if "semantic_cos" in out:
+    scalars["eval/semantic_cosine"] = float(out["semantic_cos"])
+  writer.write_scalars(step, scalars)
+  writer.flush()
+  logging.info("eval at step %d: %s", step,
+               ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+  with open(os.path.join(workdir, "eval_history.jsonl"), "a") as f:
+    f.write(json.dumps(dict(step=step, **scalars)) + "\n")
+  return scalars
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the SDE tokenizer; returns the final state and last metrics.
+
+  ``stop_after`` ends the loop after that many steps of this call (tests use it
+  to simulate a killed run); a checkpoint is written where it stops.
+  """
+  config_lib.validate_sde(config)
+  data_lib.validate_config(config.data)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_lead = process_index == 0
+
+  models = Models(config, seed=config.seed)
+  load_pretrained(models, config)
+  tx, lr = optimizers.adam(config.optimizer, config.total_steps)
+  dtx = optimizers.adam(config.disc_optimizer, config.total_steps)[0] if models.has_disc else None
+  state = init_state(models, tx, dtx)
+
+  pipeline = data_lib.build_train_pipeline(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=process_index, process_count=process_count)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    state, data_state = ckpt.restore(start, abstract)
+    pipeline.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+  start = int(state["step"])
+
+  writer = (metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if is_lead
+            else metrics_lib.MetricWriter())
+  eval_images = data_lib.load_eval_images(config.data)
+  train_step, eval_step = make_steps(models, config, tx, lr, dtx)
+  usage = CodebookUsage(config.model.codebook_size, config.usage_window)
+  progress = metrics_lib.ProgressLine(config.total_steps, start)
+  pending_counts, last = [], {}
+  if start == 0 and len(eval_images):
+    last.update(evaluate(eval_step, state, eval_images, writer, 0, workdir,
+                         config.num_grid_images))
+
+  end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
+  step = start
+  for step in range(start + 1, end + 1):
+    batch = next(pipeline)
+    use_gan = models.has_disc and step > config.loss.disc_start
+    state, scalars, counts = train_step(state, models.lpips_params, jnp.asarray(batch["image"]),
+                                        use_gan)
+    pending_counts.append(counts)
+    if step % config.log_every == 0 or step == end:
+      for c in jax.device_get(pending_counts):
+        usage.add(c)
+      pending_counts.clear()
+      scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+      scalars["codebook/usage"] = usage.fraction()
+      scalars.update({k: float(v) for k, v in pipeline.counters().items()})
+      scalars["steps_per_second"] = progress.report(step, scalars, HEADLINE)
+      writer.write_scalars(step, scalars)
+      last.update(scalars)
+    if len(eval_images) and (step % config.eval_every == 0 or step == config.total_steps):
+      last.update(evaluate(eval_step, state, eval_images, writer, step, workdir,
+                           config.num_grid_images))
+    if step % config.checkpoint_every == 0 or step == end:
+      ckpt.save(step, state, pipeline.get_state())
+  ckpt.close()
+  writer.close()
+  pipeline.close()
+  return {"state": state, "metrics": last, "step": step}

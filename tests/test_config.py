@@ -1,0 +1,57 @@
+"""Impossible configs stop with one line naming the field and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from muse_jax import config_lib
+from muse_jax import data
+
+
+@pytest.mark.parametrize("override, field", [
+    (lambda c: c.model.encoder.update(image_size=250), "config.model.encoder.image_size"),
+    (lambda c: c.model.update(mode="pixels"), "config.model.mode"),
+    (lambda c: c.model.update(code_dim=0), "config.model.code_dim"),
+    (lambda c: c.model.decoder.update(norm_groups=48), "config.model.decoder.norm_groups"),
+    (lambda c: c.model.encoder.update(num_heads=5), "config.model.encoder.width"),
+    (lambda c: c.update(lpips_width_divisor=3), "config.lpips_width_divisor"),
+    (lambda c: c.optimizer.update(schedule="linear"), "config.optimizer.schedule"),
+])
+def test_impossible_config_names_field(config_loader, override, field):
+  config = config_loader("sde_256")
+  config_lib.validate_sde(config)
+  override(config)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate_sde(config)
+  message = str(err.value)
+  assert message.startswith(field) and "\n" not in message
+  assert ";" in message  # problem; fix
+
+
+def test_partial_patches_need_explicit_opt_in(config_loader):
+  config = config_loader("sde_384")
+  config_lib.validate_sde(config)              # 384 / 14 with drop_partial_patches=True
+  config.model.encoder.drop_partial_patches = False
+  with pytest.raises(config_lib.ConfigError, match="drop_partial_patches=True"):
+    config_lib.validate_sde(config)
+
+
+def test_demo_configs_are_valid(config_loader):
+  for name in ("sde_256", "sde_384"):
+    config = config_loader(name, "demo")
+    config_lib.validate_sde(config)
+    data.validate_config(config.data)
+    assert config.data.image_size == config.model.encoder.image_size
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "muse_jax.main", "--config=configs/sde_256.py:demo",
+       f"--workdir={tmp_path}", "--config.model.mode=pixels"],
+      capture_output=True, text=True, cwd=config_lib.__file__.rsplit("/muse_jax/", 1)[0],
+      timeout=300)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.model.mode:") and "both" in last
+  assert "Traceback" not in result.stderr
