@@ -4,13 +4,14 @@ MUSE-VL section 4.1 / LlamaGen defaults: codebook 32768 x 8 (L2-normalised),
 semantic loss weight 1, Adam(0.9, 0.95) lr 1e-4, global batch 128, bf16 compute,
 discriminator (weight 0.5) from step 20000, ImageNet-1K + CC12M.
 
-Run (a pod slice or a GPU node; set the data paths, see docs/data.md):
+Run (a pod slice or a GPU node; the ImageNet + CC12M paths are required, see docs/data.md):
 
   python -m muse_jax.main --config=configs/sde_256.py --workdir=/tmp/sde_256 \
+      --config.data.imagenet_dir=/data/tfds --config.data.cc12m_shards="/data/cc12m/*.tar" \
       --config.siglip_checkpoint=/ckpt/siglip_large_256 --config.lpips_checkpoint=/ckpt/lpips
 
 Demo on a laptop CPU (bundled scikit-image photographs, 64 px, ~5 minutes on
-2 cores; held-out PSNR climbs by several dB; TensorBoard logs, checkpoints and
+2 cores: 300 steps, the discriminator joins at step 250; held-out PSNR climbs by several dB; TensorBoard logs, checkpoints and
 reconstruction grids land in the workdir):
 
   python -m muse_jax.main --config=configs/sde_256.py:demo --workdir=/tmp/sde_demo
@@ -27,8 +28,11 @@ def get_config(arg=None):
   c = config_lib.sde_defaults()
   c.model = config_lib.sde_model(image_size=256, patch_size=16, width=1024, depth=24,
                                  num_heads=16, mlp_dim=4096)
-  c.data = data.image_data_config(source="bundled", image_size=256)
+  # ImageNet-1K + CC12M, as the paper; set the paths (docs/data.md), e.g.
+  # --config.data.imagenet_dir=/data/tfds --config.data.cc12m_shards='/data/cc12m/*.tar'
+  c.data = data.image_data_config(source="mixture", image_size=256, worker_count=8,
+                                  num_eval_images=1000)
   if "demo" in args:
     config_lib.shrink_for_demo(c, image_size=64, patch_size=8)
-    c.data = data.image_data_config(source="bundled", image_size=64)
+    c.data = data.image_data_config(source="bundled", image_size=64, num_eval_images=4)
   return c

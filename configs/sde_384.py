@@ -8,6 +8,7 @@ outputs 384 x 384 (as DualToken's released code does).
 Run:
 
   python -m muse_jax.main --config=configs/sde_384.py --workdir=/tmp/sde_384 \
+      --config.data.imagenet_dir=/data/tfds --config.data.cc12m_shards="/data/cc12m/*.tar" \
       --config.siglip_checkpoint=/ckpt/siglip_so400m_384 --config.lpips_checkpoint=/ckpt/lpips
 
 Demo (72 px, patch 7: a 10x10 code grid resized to the decoder's 9x9, the
@@ -25,8 +26,11 @@ def get_config(arg=None):
   c = config_lib.sde_defaults()
   c.model = config_lib.sde_model(image_size=384, patch_size=14, width=1152, depth=27,
                                  num_heads=16, mlp_dim=4304, drop_partial_patches=True)
-  c.data = data.image_data_config(source="bundled", image_size=384)
+  # ImageNet-1K + CC12M, as the paper; set the paths (docs/data.md), e.g.
+  # --config.data.imagenet_dir=/data/tfds --config.data.cc12m_shards='/data/cc12m/*.tar'
+  c.data = data.image_data_config(source="mixture", image_size=384, worker_count=8,
+                                  num_eval_images=1000)
   if "demo" in args:
     config_lib.shrink_for_demo(c, image_size=72, patch_size=7)
-    c.data = data.image_data_config(source="bundled", image_size=72)
+    c.data = data.image_data_config(source="bundled", image_size=72, num_eval_images=4)
   return c

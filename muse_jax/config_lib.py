@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_collections
 
 from muse_jax.models import discriminator as discriminator_lib
+from muse_jax.parallel import sharding
 from muse_jax.models import sde as sde_lib
 from muse_jax.models import siglip
 from muse_jax.models import vqgan
@@ -43,6 +44,7 @@ def sde_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "sde"
   c.seed = 0
+  c.mesh = sharding.mesh_config()  # (data, fsdp, tensor); data=-1 takes all devices
   c.total_steps = 400_000          # LlamaGen: 40 ImageNet epochs at batch 128
   c.batch_size = 128               # global
   c.loss = ml_collections.ConfigDict(dict(
@@ -109,13 +111,13 @@ def shrink_for_demo(c: ml_collections.ConfigDict, *, image_size: int, patch_size
   c.discriminator.update(ndf=32, norm_groups=8)
   c.lpips_width_divisor = 4
   c.batch_size = 8
-  c.total_steps = 400
-  c.loss.disc_start = 300
-  c.optimizer.lr = 1e-3
-  c.optimizer.warmup_steps = 20
+  c.total_steps = 300
+  c.loss.disc_start = 250
+  c.loss.disc_weight = 0.05        # at 0.5 a 64 px toy generator collapses within 100 steps
+  c.optimizer.update(lr=1e-3, warmup_steps=20, schedule="cosine")
   c.optimizer.weight_decay = c.disc_optimizer.weight_decay = 0.0
   c.log_every = 20
-  c.eval_every = 100
+  c.eval_every = 50
   c.checkpoint_every = 100
   c.usage_window = 50
   c.num_grid_images = 4

@@ -4,9 +4,18 @@ import importlib.util
 import os
 import pathlib
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Trainer tests build the same step functions several times (straight run, killed
+# run, resumed run); a persistent compilation cache compiles each of them once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("MUSE_JAX_TEST_CACHE", tempfile.mkdtemp(prefix="jax_cache_")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

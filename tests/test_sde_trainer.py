@@ -15,7 +15,7 @@ def tiny_config(config_loader):
   c = config_loader("sde_256", "demo")
   c.model.encoder.update(image_size=32, patch_size=8, width=32, mlp_dim=64, depth=1)
   c.model.semantic_decoder.update(width=32, mlp_dim=64)
-  c.model.decoder.update(ch=16, z_channels=16, ch_mult=(1, 2, 2), norm_groups=8)
+  c.model.decoder.update(ch=16, z_channels=16, ch_mult=(1, 1, 2, 2), norm_groups=8)
   c.model.codebook_size = 64
   c.discriminator.update(ndf=16, n_layers=2, norm_groups=8)
   c.lpips_width_divisor = 8
@@ -88,5 +88,6 @@ def test_mismatched_checkpoint_names_tensor(straight_and_resumed):
   changed.model.code_dim = 4
   changed.total_steps = 7
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
-                     match=r"quantizer\.codebook.*\(64, 8\).*\(64, 4\)"):
+                     match=r"tensors differ.*params\.post_quant\.kernel\S* has shape \(8, 16\) "
+                           r"in the checkpoint but the model expects \(4, 16\)"):
     sde_trainer.train(changed, straight_dir)

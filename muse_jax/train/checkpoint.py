@@ -32,7 +32,8 @@ def _path_str(path) -> str:
 
 def check_shapes(expected: Any, found: Any, where: str) -> None:
   """Compares two pytrees leaf by leaf (shape only); raises naming the first difference."""
-  exp = {_path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  exp = {_path_str(p): tuple(getattr(x, "shape", np.shape(x)))
+         for p, x in jax.tree_util.tree_leaves_with_path(expected)}
   got = {_path_str(p): tuple(getattr(x, "shape", np.shape(x)))
          for p, x in jax.tree_util.tree_leaves_with_path(found)}
   missing = sorted(set(exp) - set(got))
@@ -43,11 +44,15 @@ def check_shapes(expected: Any, found: Any, where: str) -> None:
   if extra:
     raise CheckpointMismatchError(f"{where}: checkpoint has tensor {extra[0]} (shape "
                                   f"{got[extra[0]]}) that the model does not")
-  for name, shape in exp.items():
-    if got[name] != shape:
-      raise CheckpointMismatchError(
-          f"{where}: tensor {name} has shape {got[name]} in the checkpoint but the model "
-          f"expects {shape}; the config differs from the one that wrote it")
+  differ = [n for n in exp if got[n] != exp[n]]
+  if differ:
+    differ.sort(key=lambda n: ("opt_state" in n, n))   # parameters before optimiser moments
+    shown = "; ".join(f"tensor {n} has shape {got[n]} in the checkpoint but the model expects "
+                      f"{exp[n]}" for n in differ[:3])
+    raise CheckpointMismatchError(
+        f"{where}: {len(differ)} tensors differ from the config's model: {shown}"
+        f"{'; ...' if len(differ) > 3 else ''}. The config differs from the one that wrote "
+        "this checkpoint (compare with config.json in the workdir)")
 
 
 class Checkpointer:
@@ -58,7 +63,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "data"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

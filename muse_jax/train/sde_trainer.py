@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from muse_jax import config_lib
@@ -32,7 +33,7 @@ from muse_jax import data as data_lib
 from muse_jax.models import discriminator as discriminator_lib
 from muse_jax.models import lpips as lpips_lib
 from muse_jax.models import sde as sde_lib
-from muse_jax.models import siglip
+from muse_jax.parallel import sharding
 from muse_jax.train import checkpoint as checkpoint_lib
 from muse_jax.train import losses
 from muse_jax.train import metrics as metrics_lib
@@ -43,52 +44,71 @@ HEADLINE = ("loss/total", "loss/l2", "loss/lpips", "loss/semantic", "codebook/us
 
 
 class Models:
-  """The modules of the stage, split into graph definitions and states."""
+  """Graph definitions of the stage's modules and a builder of their states.
 
-  def __init__(self, config: ml_collections.ConfigDict, *, seed: int):
-    model_cfg = config_lib.sde_model_config(config)
-    rngs = nnx.Rngs(seed)
-    self.model_cfg = model_cfg
-    tokenizer = sde_lib.SDETokenizer(model_cfg, rngs=rngs)
-    self.graphdef, self.trainable, self.frozen = nnx.split(tokenizer, sde_lib.TRAINABLE, ...)
-    self.has_disc = model_cfg.has_image_branch
+  ``Models(config)`` holds no parameters: ``init()`` returns freshly
+  initialised states (call it under ``jax.jit`` with output shardings so that
+  parameters are created already sharded, never whole on one device).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model_cfg = config_lib.sde_model_config(config)
+    self.has_disc = self.model_cfg.has_image_branch
+    graphs = nnx.eval_shape(self._modules)
+    self.graphdef = nnx.graphdef(graphs[0])
+    self.disc_graphdef = nnx.graphdef(graphs[1]) if self.has_disc else None
+    self.lpips_graphdef = nnx.graphdef(graphs[2]) if self.has_disc else None
+
+  def _modules(self):
+    seed = self.config.seed
+    tokenizer = sde_lib.SDETokenizer(self.model_cfg, rngs=nnx.Rngs(seed))
+    if not self.has_disc:
+      return tokenizer, None, None
+    disc = discriminator_lib.PatchGAN(config_lib.discriminator_config(self.config),
+                                      rngs=nnx.Rngs(seed + 1))
+    lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(seed + 2),
+                            width_divisor=self.config.lpips_width_divisor)
+    return tokenizer, disc, lpips
+
+  def init(self) -> dict[str, Any]:
+    """{'params', 'frozen', 'disc_params', 'lpips_params'} (the last two if image branch)."""
+    tokenizer, disc, lpips = self._modules()
+    _, trainable, frozen = nnx.split(tokenizer, sde_lib.TRAINABLE, ...)
+    out = {"params": trainable, "frozen": frozen}
     if self.has_disc:
-      disc = discriminator_lib.PatchGAN(config_lib.discriminator_config(config),
-                                        rngs=nnx.Rngs(seed + 1))
-      self.disc_graphdef, self.disc_params = nnx.split(disc)
-      lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(seed + 2), width_divisor=config.lpips_width_divisor)
-      self.lpips_graphdef, self.lpips_params = nnx.split(lpips)
-    else:
-      self.disc_graphdef = self.disc_params = self.lpips_graphdef = self.lpips_params = None
+      out.update(disc_params=nnx.state(disc), lpips_params=nnx.state(lpips))
+    return out
 
   def tokenizer(self, trainable, frozen) -> sde_lib.SDETokenizer:
     return nnx.merge(self.graphdef, trainable, frozen)
 
 
-def load_pretrained(models: Models, config: ml_collections.ConfigDict) -> None:
-  """Converted SigLIP weights into both encoders, converted LPIPS weights into LPIPS."""
+def load_pretrained(models: Models, state: dict[str, Any], lpips_params: Any,
+                    mesh: jax.sharding.Mesh) -> Any:
+  """Converted SigLIP weights into both encoders (in place in ``state``); returns the
+  LPIPS parameters, converted ones when ``config.lpips_checkpoint`` is set."""
+  config = models.config
   if config.siglip_checkpoint:
-    tok = models.tokenizer(models.trainable, models.frozen)
-    for tower in (tok.image_encoder, tok.semantic_encoder):
-      if tower is not None:
-        params = nnx.state(tower, nnx.Param)
-        nnx.update(tower, checkpoint_lib.load_params(config.siglip_checkpoint, params))
-    _, models.trainable, models.frozen = nnx.split(tok, sde_lib.TRAINABLE, ...)
+    for group, tower in (("params", "image_encoder"), ("frozen", "semantic_encoder")):
+      if tower in state[group]:
+        target = sharding.abstract_on_mesh(state[group][tower], mesh)
+        state[group][tower] = checkpoint_lib.load_params(config.siglip_checkpoint, target)
     logging.info("initialised image and semantic encoders from %s", config.siglip_checkpoint)
   elif models.model_cfg.has_semantic_branch:
     logging.warning("config.siglip_checkpoint is empty: the frozen semantic encoder keeps its "
                     "random init, so L_sem teaches nothing about SigLIP semantics "
                     "(fine for the demo; convert SigLIP weights for real runs)")
-  if models.lpips_params is None:
-    return
+  if lpips_params is None:
+    return None
   if config.lpips_checkpoint:
-    models.lpips_params = checkpoint_lib.load_params(config.lpips_checkpoint,
-                                                     models.lpips_params)
     logging.info("LPIPS weights from %s", config.lpips_checkpoint)
-  else:
-    logging.warning("config.lpips_checkpoint is empty: LPIPS uses RANDOM VGG16 weights, so the "
-                    "perceptual loss is not the published LPIPS (convert the public weights "
-                    "with `python -m muse_jax.convert lpips`)")
+    return checkpoint_lib.load_params(config.lpips_checkpoint,
+                                      sharding.abstract_on_mesh(lpips_params, mesh))
+  logging.warning("config.lpips_checkpoint is empty: LPIPS uses RANDOM VGG16 weights, so the "
+                  "perceptual loss is not the published LPIPS (convert the public weights "
+                  "with `python -m muse_jax.convert lpips`)")
+  return lpips_params
 
 
 def code_perplexity(codes: jax.Array, codebook_size: int) -> tuple[jax.Array, jax.Array]:
@@ -101,7 +121,8 @@ def code_perplexity(codes: jax.Array, codebook_size: int) -> tuple[jax.Array, ja
 
 def make_steps(models: Models, config: ml_collections.ConfigDict,
                tx: optax.GradientTransformation, lr: optax.Schedule,
-               dtx: optax.GradientTransformation | None):
+               dtx: optax.GradientTransformation | None, mesh: jax.sharding.Mesh,
+               state_shardings: Any, lpips_shardings: Any):
   """Returns jitted ``train_step(state, lpips_params, images, use_gan)`` and
   ``eval_step(state, images)``. LPIPS weights are an argument, not state: they are
   fixed and come from ``config.lpips_checkpoint``, not from the run's checkpoints."""
@@ -164,29 +185,42 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
                   "disc/logits_fake": fake_mean})
     return new, out, counts
 
-  def eval_step(state, images):
+  def eval_step(state, images, valid):
+    """Sums of per-image metrics over the valid images of one batch, and a few
+    reconstructions for the grid (reductions on device: outputs are small)."""
     tok = models.tokenizer(state["params"], state["frozen"])
     out = tok(images)
-    result = {}
+    per_image = {}
     if "reconstruction" in out:
       recon = out["reconstruction"]
-      result.update(reconstruction=recon, psnr=losses.psnr(images, recon),
-                    ssim=losses.ssim(images, recon))
+      per_image.update(psnr=losses.psnr(images, recon), ssim=losses.ssim(images, recon))
     if "semantic_prediction" in out:
-      result["semantic_cos"] = 1.0 - losses.cosine_distance(out["semantic_prediction"],
-                                                            out["semantic_target"])
+      per_image["semantic_cosine"] = 1.0 - jax.vmap(losses.cosine_distance)(
+          out["semantic_prediction"], out["semantic_target"])
+    result = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in per_image.items()}
+    result["count"] = jnp.sum(valid)
+    if "reconstruction" in out:
+      result["reconstruction"] = out["reconstruction"][:config.num_grid_images]
     return result
 
-  return (jax.jit(train_step, static_argnames="use_gan", donate_argnums=0),
-          jax.jit(eval_step))
+  replicated = NamedSharding(mesh, P())
+  batch = sharding.batch_sharding(mesh)
+  return (jax.jit(train_step, static_argnames="use_gan", donate_argnums=0,
+                  in_shardings=(state_shardings, lpips_shardings, batch),
+                  out_shardings=(state_shardings, replicated, replicated)),
+          jax.jit(eval_step, in_shardings=(state_shardings, batch, batch),
+                  out_shardings=replicated))
 
 
-def init_state(models: Models, tx, dtx) -> dict[str, Any]:
-  state = {"step": jnp.zeros((), jnp.int32), "params": models.trainable,
-           "frozen": models.frozen, "opt_state": tx.init(models.trainable)}
+def init_state(models: Models, tx, dtx) -> tuple[dict[str, Any], Any]:
+  """(train state, LPIPS parameters) freshly initialised."""
+  built = models.init()
+  state = {"step": jnp.zeros((), jnp.int32), "params": built["params"],
+           "frozen": built["frozen"], "opt_state": tx.init(built["params"])}
   if models.has_disc:
-    state.update(disc_params=models.disc_params, disc_opt_state=dtx.init(models.disc_params))
-  return state
+    state.update(disc_params=built["disc_params"],
+                 disc_opt_state=dtx.init(built["disc_params"]))
+  return state, built.get("lpips_params")
 
 
 class CodebookUsage:
@@ -207,25 +241,48 @@ class CodebookUsage:
     return float(np.mean(self._counts > 0))
 
 
-def evaluate(eval_step, state, eval_images: np.ndarray, writer: metrics_lib.MetricWriter,
-             step: int, workdir: str, num_grid: int) -> dict[str, float]:
-  out = jax.device_get(eval_step(state, jnp.asarray(eval_images)))
-  scalars = {}
-  if "psnr" in out:
-    scalars.update({"eval/psnr": float(np.mean(out["psnr"])),
-                    "eval/ssim": float(np.mean(out["ssim"]))})
-    grid = metrics_lib.image_grid([eval_images[:num_grid], out["reconstruction"][:num_grid]])
-    writer.write_images(step, {"eval/inputs_vs_reconstructions": grid})
-    os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
-    Image.fromarray(grid).save(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
-  if "semantic_cos" in out:
-    scalars["eval/semantic_cosine"] = float(out["semantic_cos"])
+def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
+             writer: metrics_lib.MetricWriter, step: int, workdir: str) -> dict[str, float]:
+  """Reconstruction metrics over the held-out images, in batches of the train batch size.
+
+  Every process runs the same number of eval steps (ceil(num_eval_images / batch));
+  a process out of images feeds zeros that a validity mask drops.
+  """
+  process_count = jax.process_count()
+  local = config.batch_size // process_count
+  batches = data_lib.iter_eval_batches(config.data, batch_size=local,
+                                       process_index=jax.process_index(),
+                                       process_count=process_count)
+  size = config.data.image_size
+  sums, count, first = collections.defaultdict(float), 0, None
+  batch = sharding.batch_sharding(mesh)
+  for _ in range(-(-config.data.num_eval_images // config.batch_size)):
+    images = next(batches, {"image": np.zeros((0, size, size, 3), np.float32)})["image"]
+    valid = np.arange(local) < len(images)
+    padded = np.concatenate([images, np.zeros((local - len(images), size, size, 3),
+                                              np.float32)])
+    out = jax.device_get(eval_step(state, sharding.global_batch(padded, batch),
+                                   sharding.global_batch(valid, batch)))
+    count += int(out.pop("count"))
+    recon = out.pop("reconstruction", None)
+    for key, value in out.items():
+      sums[key] += float(value)
+    if first is None and recon is not None:
+      n = min(config.num_grid_images, len(images))
+      first = metrics_lib.image_grid([images[:n], recon[:n]])
+  if not count:
+    return {}
+  scalars = {f"eval/{k}": v / count for k, v in sums.items()}
   writer.write_scalars(step, scalars)
+  if first is not None and jax.process_index() == 0:
+    writer.write_images(step, {"eval/inputs_vs_reconstructions": first})
+    os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
+    Image.fromarray(first).save(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
+    with open(os.path.join(workdir, "eval_history.jsonl"), "a") as f:
+      f.write(json.dumps(dict(step=step, num_images=count, **scalars)) + "\n")
   writer.flush()
-  logging.info("eval at step %d: %s", step,
+  logging.info("eval at step %d over %d images: %s", step, count,
                ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
-  with open(os.path.join(workdir, "eval_history.jsonl"), "a") as f:
-    f.write(json.dumps(dict(step=step, **scalars)) + "\n")
   return scalars
 
 
@@ -241,11 +298,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   process_index, process_count = jax.process_index(), jax.process_count()
   is_lead = process_index == 0
 
-  models = Models(config, seed=config.seed)
-  load_pretrained(models, config)
+  mesh = sharding.make_mesh(config.mesh)
+  models = Models(config)
   tx, lr = optimizers.adam(config.optimizer, config.total_steps)
   dtx = optimizers.adam(config.disc_optimizer, config.total_steps)[0] if models.has_disc else None
-  state = init_state(models, tx, dtx)
+  build = functools.partial(init_state, models, tx, dtx)
+  abstract_state, abstract_lpips = jax.eval_shape(build)
+  state_shardings = sharding.shardings(abstract_state, mesh)
+  lpips_shardings = sharding.shardings(abstract_lpips, mesh)
+  state, lpips_params = jax.jit(build, out_shardings=(state_shardings, lpips_shardings))()
+  lpips_params = load_pretrained(models, state, lpips_params, mesh)
 
   pipeline = data_lib.build_train_pipeline(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
@@ -254,30 +316,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                      keep=config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    state, data_state = ckpt.restore(start, abstract)
+    state, data_state = ckpt.restore(start, sharding.abstract_on_mesh(abstract_state, mesh))
     pipeline.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   start = int(state["step"])
 
   writer = (metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if is_lead
             else metrics_lib.MetricWriter())
-  eval_images = data_lib.load_eval_images(config.data)
-  train_step, eval_step = make_steps(models, config, tx, lr, dtx)
+  train_step, eval_step = make_steps(models, config, tx, lr, dtx, mesh, state_shardings,
+                                     lpips_shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
   usage = CodebookUsage(config.model.codebook_size, config.usage_window)
   progress = metrics_lib.ProgressLine(config.total_steps, start)
   pending_counts, last = [], {}
-  if start == 0 and len(eval_images):
-    last.update(evaluate(eval_step, state, eval_images, writer, 0, workdir,
-                         config.num_grid_images))
+  if start == 0:
+    last.update(evaluate(eval_step, state, config, mesh, writer, 0, workdir))
 
   end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
   step = start
   for step in range(start + 1, end + 1):
     batch = next(pipeline)
     use_gan = models.has_disc and step > config.loss.disc_start
-    state, scalars, counts = train_step(state, models.lpips_params, jnp.asarray(batch["image"]),
-                                        use_gan)
+    images = sharding.global_batch(batch["image"], batch_sharding)
+    state, scalars, counts = train_step(state, lpips_params, images, use_gan)
     pending_counts.append(counts)
     if step % config.log_every == 0 or step == end:
       for c in jax.device_get(pending_counts):
@@ -289,9 +350,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       scalars["steps_per_second"] = progress.report(step, scalars, HEADLINE)
       writer.write_scalars(step, scalars)
       last.update(scalars)
-    if len(eval_images) and (step % config.eval_every == 0 or step == config.total_steps):
-      last.update(evaluate(eval_step, state, eval_images, writer, step, workdir,
-                           config.num_grid_images))
+    if step % config.eval_every == 0 or step == config.total_steps:
+      last.update(evaluate(eval_step, state, config, mesh, writer, step, workdir))
     if step % config.checkpoint_every == 0 or step == end:
       ckpt.save(step, state, pipeline.get_state())
   ckpt.close()
