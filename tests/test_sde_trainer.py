@@ -91,3 +91,16 @@ def test_mismatched_checkpoint_names_tensor(straight_and_resumed):
                      match=r"tensors differ.*params\.post_quant\.kernel\S* has shape \(8, 16\) "
                            r"in the checkpoint but the model expects \(4, 16\)"):
     sde_trainer.train(changed, straight_dir)
+
+
+def test_trained_tokenizer_loads_for_inference(straight_and_resumed):
+  from muse_jax.inference import reconstruct
+  _, straight_dir, _, straight, _, _ = straight_and_resumed
+  tokenizer, config, step = reconstruct.load_tokenizer(straight_dir)
+  assert step == 6
+  trained = jax.device_get(straight["state"]["params"]["quantizer"]["codebook"][...])
+  np.testing.assert_array_equal(np.asarray(tokenizer.quantizer.codebook[...]), trained)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  codes = tokenizer.encode(images)
+  assert codes.shape == (2, 4, 4)
+  assert tokenizer.decode(codes).shape == (2, 32, 32, 3)
