@@ -79,7 +79,7 @@ def _tiny(mode="both", image=32, patch=8):
   config.model.update(mode=mode, codebook_size=64, dtype="float32")
   config.model.encoder.update(width=32, mlp_dim=64, depth=1)
   config.model.semantic_decoder.update(width=32, mlp_dim=64)
-  config.model.decoder.update(ch_mult=(1, 2), ch=16, z_channels=16)
+  config.model.decoder.update(ch_mult=(1, 2, 2), ch=16, z_channels=16)
   config_lib.validate_sde(config)
   return sde.SDETokenizer(config_lib.sde_model_config(config), rngs=nnx.Rngs(0))
 
