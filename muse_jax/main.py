@@ -1,8 +1,9 @@
 """Entry point: ``python -m muse_jax.main --config=configs/X.py[:arg] --workdir=DIR``.
 
-Parses flags, starts the distributed runtime when several processes run, writes
-the resolved config into the workdir and hands over to the trainer the config
-names. Re-running with the same workdir resumes from its latest checkpoint.
+Parses flags, starts the distributed runtime when several processes run and
+hands over to the trainer the config names (which writes the resolved config to
+``DIR/config.json``). Re-running with the same workdir resumes from its latest
+checkpoint.
 """
 
 from __future__ import annotations
@@ -57,11 +58,6 @@ def main(argv):
     sys.exit(f"config error: config.trainer: {config.get('trainer')!r} is not a trainer; "
              f"use one of {sorted(available)}")
   maybe_initialize_distributed()
-  import jax
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   try:
     available[config.trainer](config, workdir)
   except (config_lib.ConfigError, ValueError) as e:

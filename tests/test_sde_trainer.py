@@ -1,5 +1,6 @@
 """SDE training stage end to end on a tiny config: exact resume, checkpoints, logs."""
 
+import json
 import os
 
 import jax
@@ -91,6 +92,8 @@ def test_mismatched_checkpoint_names_tensor(straight_and_resumed):
                      match=r"tensors differ.*params\.post_quant\.kernel\S* has shape \(8, 16\) "
                            r"in the checkpoint but the model expects \(4, 16\)"):
     sde_trainer.train(changed, straight_dir)
+  with open(os.path.join(straight_dir, "config.json")) as f:   # the run's record is intact
+    assert json.load(f)["model"]["code_dim"] == 8
 
 
 def test_trained_tokenizer_loads_for_inference(straight_and_resumed):

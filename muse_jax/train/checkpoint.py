@@ -89,6 +89,14 @@ class Checkpointer:
     self._manager.close()
 
 
+def save_config(config, workdir: str) -> None:
+  """The resolved config as ``workdir/config.json`` (what inference tools rebuild from)."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
 def save_params(path: str, params: Any) -> None:
   """Writes a parameter pytree (e.g. converted weights) as one Orbax checkpoint."""
   with ocp.StandardCheckpointer() as ckptr:

@@ -320,6 +320,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     pipeline.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   start = int(state["step"])
+  # only now: a restart whose config does not fit the checkpoints must not replace it
+  checkpoint_lib.save_config(config, workdir)
 
   writer = (metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if is_lead
             else metrics_lib.MetricWriter())
