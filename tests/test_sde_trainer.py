@@ -6,31 +6,18 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_sde_config
 from tensorboard.backend.event_processing import event_accumulator
 
 from muse_jax.train import checkpoint as checkpoint_lib
 from muse_jax.train import sde_trainer
 
 
-def tiny_config(config_loader):
-  c = config_loader("sde_256", "demo")
-  c.model.encoder.update(image_size=32, patch_size=8, width=32, mlp_dim=64, depth=1)
-  c.model.semantic_decoder.update(width=32, mlp_dim=64)
-  c.model.decoder.update(ch=16, z_channels=16, ch_mult=(1, 1, 2, 2), norm_groups=8)
-  c.model.codebook_size = 64
-  c.discriminator.update(ndf=16, n_layers=2, norm_groups=8)
-  c.lpips_width_divisor = 8
-  c.data.update(image_size=32, num_eval_images=2)
-  c.update(batch_size=2, total_steps=6, log_every=1, eval_every=3, checkpoint_every=3,
-           usage_window=4, num_grid_images=2)
-  c.loss.disc_start = 4              # steps 5 and 6 train the discriminator too
-  return c
-
-
 @pytest.fixture(scope="module")
-def straight_and_resumed(tmp_path_factory, request):
-  from conftest import load_config
-  config = tiny_config(load_config)
+def straight_and_resumed(tmp_path_factory):
+  # the discriminator joins at step 5, after the restart point
+  config = tiny_sde_config(batch_size=2, total_steps=6, disc_start=4)
+  config.update(eval_every=3, checkpoint_every=3)
   straight_dir = str(tmp_path_factory.mktemp("straight"))
   resumed_dir = str(tmp_path_factory.mktemp("resumed"))
   straight = sde_trainer.train(config, straight_dir)

@@ -15,23 +15,14 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import load_config  # noqa: E402
+from conftest import tiny_sde_config  # noqa: E402
 
 from muse_jax.train import sde_trainer  # noqa: E402
 
 
-def tiny_config(mesh, steps, disc_start):
-  c = load_config("sde_256", "demo")
-  c.model.encoder.update(image_size=32, patch_size=8, width=32, mlp_dim=64, depth=1)
-  c.model.semantic_decoder.update(width=32, mlp_dim=64)
-  c.model.decoder.update(ch=16, z_channels=16, ch_mult=(1, 1, 2, 2), norm_groups=8)
-  c.model.codebook_size = 64
-  c.discriminator.update(ndf=16, n_layers=2, norm_groups=8)
-  c.lpips_width_divisor = 8
-  c.data.update(image_size=32, num_eval_images=2)
-  c.update(batch_size=8, total_steps=steps, log_every=1, eval_every=1000, checkpoint_every=1000,
-           usage_window=4)
-  c.loss.disc_start = disc_start
+def config_for(mesh, steps, disc_start):
+  c = tiny_sde_config(batch_size=8, total_steps=steps, disc_start=disc_start)
+  c.update(eval_every=1000, checkpoint_every=1000)
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
   return c
 
@@ -41,13 +32,11 @@ def main():
   parser.add_argument("--mesh", required=True)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--disc_start", type=int, default=2)
-  parser.add_argument("--stop_after", type=int, default=None)
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
   mesh = tuple(int(x) for x in args.mesh.split(","))
-  result = sde_trainer.train(tiny_config(mesh, args.steps, args.disc_start), args.workdir,
-                             stop_after=args.stop_after)
+  result = sde_trainer.train(config_for(mesh, args.steps, args.disc_start), args.workdir)
   state = result["state"]
   arrays = {"loss": np.float64(result["metrics"]["loss/total"]),
             "devices": np.int64(jax.device_count())}
