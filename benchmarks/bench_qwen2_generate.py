@@ -18,21 +18,17 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 
-from muse_jax.convert import hf
 from muse_jax.models import qwen2
 
-CONFIG = dict(vocab_size=16384, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-              num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-              rope_theta=1e6, max_position_embeddings=1024, initializer_range=0.05)
+import qwen2_pair
+
 
 
 def main() -> None:
@@ -42,19 +38,17 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=16)
   args = parser.parse_args()
 
-  torch.manual_seed(0)
-  torch_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG)).eval()
-  with tempfile.TemporaryDirectory() as folder:
-    torch_model.save_pretrained(folder)
-    ours = hf.load_qwen2(folder, dtype=jnp.float32)
+  torch_model, ours, params_m = qwen2_pair.build(initializer_range=0.05)
+  torch_model.eval()
 
   result = {"benchmark": "qwen2_greedy_generate_fp32",
-            "params_m": round(sum(p.numel() for p in torch_model.parameters()) / 1e6, 1),
+            "params_m": round(params_m, 1),
             "prompt": args.prompt, "new_tokens": args.new_tokens}
   ratios = []
   load_before = os.getloadavg()[0]
   for batch in (1, 8):
-    prompt = np.random.default_rng(batch).integers(0, CONFIG["vocab_size"], (batch, args.prompt))
+    vocab = qwen2_pair.CONFIG["vocab_size"]
+    prompt = np.random.default_rng(batch).integers(0, vocab, (batch, args.prompt))
     torch_prompt = torch.tensor(prompt)
     mask = torch.ones_like(torch_prompt)
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 
 import jax
@@ -26,12 +25,10 @@ import torch
 import transformers
 from flax import nnx
 
-from muse_jax.convert import hf
 from muse_jax.train import lm_loss
 
-CONFIG = dict(vocab_size=16384, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-              num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-              rope_theta=1e6, max_position_embeddings=1024)
+import qwen2_pair
+
 
 
 def main() -> None:
@@ -42,14 +39,11 @@ def main() -> None:
   parser.add_argument("--chunk", type=int, default=1024, help="tokens per loss chunk (ours)")
   args = parser.parse_args()
 
-  torch.manual_seed(0)
-  torch_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG)).train()
-  with tempfile.TemporaryDirectory() as folder:
-    torch_model.save_pretrained(folder)
-    ours = hf.load_qwen2(folder, dtype=jnp.float32)
-  params_m = sum(p.numel() for p in torch_model.parameters()) / 1e6
+  torch_model, ours, params_m = qwen2_pair.build()
+  torch_model.train()
 
-  ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], (args.batch, args.seq))
+  vocab = qwen2_pair.CONFIG["vocab_size"]
+  ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq))
   torch_ids = torch.tensor(ids)
   jax_ids = jnp.asarray(ids, jnp.int32)
   weights = jnp.ones((args.batch, args.seq - 1), jnp.float32)
