@@ -49,5 +49,5 @@ class PatchGAN(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jax.nn.leaky_relu(self.conv_in(x.astype(self.dtype)), 0.2)
     for conv, norm in zip(self.convs, self.norms):
-      x = jax.nn.leaky_relu(norm(conv(x)), 0.2)
+      x = layers.constrain(jax.nn.leaky_relu(norm(conv(x)), 0.2), "batch", "spatial", "spatial", "act_channels")
     return self.conv_out(x).astype(jnp.float32)

@@ -19,11 +19,20 @@ Logical names used across the code base:
   norm        scale / bias of a normalisation layer
   codebook    entries of a VQ codebook
   code_dim    width of a VQ code
+
+Activations are pinned at block boundaries with ``constrain(x, *names)``, using
+the logical names ``batch``, ``seq`` (tokens), ``act_embed`` (residual width)
+and ``spatial`` / ``act_channels`` (conv feature maps). ``constrain`` is the
+identity unless a trainer traces the model inside ``activation_sharding``: so
+models still know nothing of meshes, and the rules table decides where the
+activations live.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +112,37 @@ def embed(num_embeddings: int, features: int, names: tuple[str, str] = ("vocab",
           init: Initializer = nnx.initializers.normal(0.02)) -> nnx.Embed:
   return nnx.Embed(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
                    embedding_init=logical(init, *names), rngs=rngs)
+
+
+# (names, shape) -> a jax.sharding.Sharding; set only while a trainer traces its step.
+_ACTIVATION_RESOLVER: contextvars.ContextVar[Callable[..., Any] | None] = (
+    contextvars.ContextVar("muse_jax_activation_resolver", default=None))
+
+
+@contextlib.contextmanager
+def activation_sharding(resolver: Callable[[Sequence[str | None], Sequence[int]], Any]
+                        ) -> Iterator[None]:
+  """Within this context ``constrain`` places activations with ``resolver``."""
+  token = _ACTIVATION_RESOLVER.set(resolver)
+  try:
+    yield
+  finally:
+    _ACTIVATION_RESOLVER.reset(token)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """Pins activation ``x`` (one logical name per dimension) to its place on the mesh.
+
+  Without it, XLA's sharding propagation may carry a parameter's layout into the
+  activations (e.g. FSDP's split of a conv's output channels onto the feature
+  map) and then reshard, or fully rematerialise, inside the next block.
+  """
+  resolve = _ACTIVATION_RESOLVER.get()
+  if resolve is None:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"constrain: {x.ndim}-d activation {x.shape} got names {names}")
+  return jax.lax.with_sharding_constraint(x, resolve(names, x.shape))
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:

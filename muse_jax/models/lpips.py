@@ -56,7 +56,7 @@ class LPIPS(nnx.Module):
     x = (x.astype(jnp.float32) - _SHIFT) / _SCALE
     out = []
     for i, conv in enumerate(self.features):
-      x = jax.nn.relu(conv(x))
+      x = layers.constrain(jax.nn.relu(conv(x)), "batch", "spatial", "spatial", "act_channels")
       if i in _TAP_AFTER:
         norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True))
         out.append(x / (norm + 1e-10))

@@ -216,7 +216,8 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, rope, mask, kv=None, cache_index=None):
     attn, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, cache_index)
     x = x + attn
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return layers.constrain(x, "batch", "seq", "act_embed"), kv
 
 
 def _run_layer(layer: DecoderLayer, x, rope, mask):
@@ -236,7 +237,7 @@ class Qwen2Model(nnx.Module):
 
   def __call__(self, ids, positions, mask, cache: KVCache | None = None):
     c = self.config
-    x = self.embed_tokens(ids)
+    x = layers.constrain(self.embed_tokens(ids), "batch", "seq", "act_embed")
     rope = rope_tables(positions, c.kv_dim, c.rope_theta, c.dtype)
     if cache is None:
       run = nnx.remat(_run_layer) if c.remat else _run_layer

@@ -94,7 +94,7 @@ class EncoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
+    return layers.constrain(x + self.mlp(self.layer_norm2(x)), "batch", "seq", "act_embed")
 
 
 class Encoder(nnx.Module):
@@ -132,7 +132,8 @@ class PatchEmbeddings(nnx.Module):
     x = self.patch_embedding(pixels)                     # [B, g, g, C]
     b, gh, gw, c = x.shape
     x = x.reshape(b, gh * gw, c)
-    return x + self.position_embedding.embedding[...].astype(x.dtype)[None]
+    x = x + self.position_embedding.embedding[...].astype(x.dtype)[None]
+    return layers.constrain(x, "batch", "seq", "act_embed")
 
 
 class SiglipVisionTower(nnx.Module):

@@ -47,7 +47,7 @@ class ResBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.conv1(jax.nn.swish(self.norm1(x)))
     h = self.conv2(jax.nn.swish(self.norm2(h)))
-    return (x if self.shortcut is None else self.shortcut(x)) + h
+    return layers.constrain((x if self.shortcut is None else self.shortcut(x)) + h, "batch", "spatial", "spatial", "act_channels")
 
 
 class AttnBlock(nnx.Module):
@@ -65,7 +65,7 @@ class AttnBlock(nnx.Module):
     n = self.norm(x)
     flat = lambda t: t.reshape(b, h * w, 1, c)
     out = attention.dot_product_attention(flat(self.q(n)), flat(self.k(n)), flat(self.v(n)))
-    return x + self.proj_out(out.reshape(b, h, w, c))
+    return layers.constrain(x + self.proj_out(out.reshape(b, h, w, c)), "batch", "spatial", "spatial", "act_channels")
 
 
 class Upsample(nnx.Module):
@@ -74,7 +74,8 @@ class Upsample(nnx.Module):
     self.conv = layers.conv(ch, ch, 3, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    x = self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    return layers.constrain(x, "batch", "spatial", "spatial", "act_channels")
 
 
 class DecoderLevel(nnx.Module):

@@ -16,6 +16,7 @@ wide SigLIP on fsdp=256), so any mesh works for any model.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -24,6 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from muse_jax.models import layers
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")      # the batch dimension of activations and inputs
@@ -45,6 +48,12 @@ DEFAULT_RULES: Rules = (
     ("norm", None),
     ("codebook", None),
     ("code_dim", None),
+    # activations (``layers.constrain``): split over the batch, whole otherwise, so
+    # that tensor-parallel blocks all-reduce back into a replicated residual stream
+    ("seq", None),
+    ("act_embed", None),
+    ("spatial", None),
+    ("act_channels", None),
 )
 
 
@@ -133,6 +142,23 @@ def shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
       return NamedSharding(mesh, logical_to_mesh(names, x.shape, mesh, rules))
     return NamedSharding(mesh, P())
   return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Context under which a step is traced so that ``layers.constrain`` pins the
+  models' block-boundary activations on ``mesh`` by ``rules``."""
+  return layers.activation_sharding(
+      lambda names, shape: NamedSharding(mesh, logical_to_mesh(names, shape, mesh, rules)))
+
+
+def jit_sharded(fn, mesh: Mesh, rules: Rules = DEFAULT_RULES, **jit_kwargs):
+  """``jax.jit(fn, **jit_kwargs)`` with ``fn`` traced under ``activation_sharding``:
+  how every trainer compiles its steps."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with activation_sharding(mesh, rules):
+      return fn(*args, **kwargs)
+  return jax.jit(traced, **jit_kwargs)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
