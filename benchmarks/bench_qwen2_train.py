@@ -36,7 +36,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--chunk", type=int, default=1024, help="tokens per loss chunk (ours)")
+  parser.add_argument("--chunk", type=int, default=256,
+                      help="sequence positions per loss chunk (ours)")
   args = parser.parse_args()
 
   torch_model, ours, params_m = qwen2_pair.build()
