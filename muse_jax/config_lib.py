@@ -10,13 +10,18 @@ the fix (``ConfigError``), before anything is allocated.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import ml_collections
 
 from muse_jax.models import discriminator as discriminator_lib
-from muse_jax.parallel import sharding
+from muse_jax.models import muse_vl
+from muse_jax.models import qwen2
 from muse_jax.models import sde as sde_lib
 from muse_jax.models import siglip
 from muse_jax.models import vqgan
+from muse_jax.parallel import sharding
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -28,6 +33,17 @@ class ConfigError(ValueError):
 def check(ok: bool, field: str, problem: str, fix: str) -> None:
   if not ok:
     raise ConfigError(f"config.{field}: {problem}; {fix}")
+
+
+def check_batch_fits_mesh(c: ml_collections.ConfigDict, mesh) -> None:
+  """The global batch must split evenly over the batch axes (data x fsdp) and hosts."""
+  import jax
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  need = math.lcm(shards, jax.process_count())
+  check(c.batch_size % need == 0, "batch_size",
+        f"{c.batch_size} does not split over the mesh's {shards} batch shards (data x fsdp) "
+        f"and {jax.process_count()} processes",
+        f"use a multiple of {need}, or give config.mesh more tensor parallelism")
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -211,3 +227,64 @@ def validate_sde(c: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"config.data.image_size: {c.data.image_size} differs from model.encoder.image_size "
         f"{enc.image_size}; set both to the same value")
+
+
+def llm_defaults(preset: str) -> ml_collections.ConfigDict:
+  """A MUSE-VL decoder run on the published ``preset`` (``qwen2.5-7b``, ``yi-1.5-9b``, ...).
+
+  ``model`` holds every ``Qwen2Config`` field with the base model's (text)
+  vocabulary; ``vocab.num_visual`` visual ids, ``<soi>`` and ``<eoi>`` are added on
+  top (``muse_vl.VocabLayout``). Batch and sequence length are ours: the paper
+  gives neither.
+  """
+  c = ml_collections.ConfigDict()
+  c.trainer = "llm"
+  c.seed = 0
+  c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)   # ZeRO-3 over every chip
+  model = dataclasses.asdict(qwen2.Qwen2Config.preset(preset))
+  model.update(dtype="bfloat16", param_dtype="float32", remat=True)
+  c.model = ml_collections.ConfigDict(model)
+  c.vocab = ml_collections.ConfigDict(dict(num_visual=32768, pad_multiple=128))
+  c.total_steps = 100_000
+  c.batch_size = 256                # global, packed rows
+  c.seq_len = 2048
+  c.loss_chunk = 512                # sequence positions per cross-entropy chunk
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.0,             # AdamW (decoupled); the paper gives no decay
+      grad_clip=1.0,
+      warmup_steps=2_000,
+      schedule="cosine",
+  ))
+  return c
+
+
+def vocab_layout(c: ml_collections.ConfigDict) -> muse_vl.VocabLayout:
+  return muse_vl.VocabLayout(c.model.vocab_size, c.vocab.num_visual, c.vocab.pad_multiple)
+
+
+def llm_model_config(c: ml_collections.ConfigDict) -> qwen2.Qwen2Config:
+  """The decoder of a run: the base model over the extended MUSE-VL vocabulary."""
+  fields = dict(c.model.to_dict(), vocab_size=vocab_layout(c).vocab_size)
+  return qwen2.Qwen2Config(**fields)
+
+
+def validate_llm(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a decoder config that cannot build or train."""
+  m = c.model
+  for field in ("dtype", "param_dtype"):
+    check(m[field] in DTYPES, f"model.{field}", f"{m[field]!r} is not a dtype",
+          f"use one of {DTYPES}")
+  check(m.num_heads >= 1 and m.num_kv_heads >= 1 and m.num_heads % m.num_kv_heads == 0,
+        "model.num_kv_heads", f"{m.num_kv_heads} does not divide num_heads {m.num_heads}",
+        "use a divisor of num_heads (GQA groups must be whole)")
+  if m.head_dim is None:
+    _check_divisible(m.hidden_size, m.num_heads, "model.hidden_size", "num_heads")
+  check(c.vocab.num_visual >= 0, "vocab.num_visual", f"{c.vocab.num_visual}",
+        "use the SDE codebook size (32768), or 0 for a text-only decoder")
+  check(c.vocab.pad_multiple >= 1, "vocab.pad_multiple", f"{c.vocab.pad_multiple}",
+        "use a positive multiple (128 shards evenly)")
+  for field in ("batch_size", "seq_len", "loss_chunk", "total_steps"):
+    check(c[field] >= 1, field, f"{c[field]}", "use a positive value")
+  check(c.optimizer.schedule in ("constant", "cosine"), "optimizer.schedule",
+        f"{c.optimizer.schedule!r} is unknown", "use 'constant' or 'cosine'")

@@ -1,6 +1,7 @@
 """Meshes, logical-axis rules, and the SDE step sharded over 8 CPU devices."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -48,29 +49,147 @@ def test_mesh_shapes_and_errors():
   assert mesh.axis_names == sharding.MESH_AXES and mesh.devices.size == jax.device_count()
 
 
-def _run(tmp_path, mesh, devices):
-  out = tmp_path / f"mesh_{mesh.replace(',', '_')}.npz"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, os.path.join(HERE, "multidevice", "sde_steps.py"),
-                  f"--mesh={mesh}", f"--workdir={tmp_path / mesh}", f"--out={out}"],
-                 check=True, env=env, timeout=1500, capture_output=True)
-  return np.load(out)
+SDE = os.path.join(HERE, "multidevice", "sde_steps.py")
+LLM = os.path.join(HERE, "multidevice", "llm_steps.py")
+MESHES = ("8,1,1", "1,8,1", "2,2,2", "1,2,4")
 
 
-def test_sde_step_on_2x2x2_mesh_matches_single_device(tmp_path):
-  """3 steps (the discriminator joins at step 3) with data, fsdp and tensor axes all 2."""
-  single = _run(tmp_path, "1,1,1", 1)
-  sharded = _run(tmp_path, "2,2,2", 8)
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Every multi-device run, started at once (they are independent processes, and
+  compiling dominates: running them side by side keeps both cores busy)."""
+  tmp = tmp_path_factory.mktemp("meshes")
+  port = _free_port()
+  jobs = {
+      "sde_single": (SDE, 1, ["--meshes=1,1,1", "--save_on=1,1,1", "--restore_onto=1,1,1"]),
+      "sde_a": (SDE, 8, ["--meshes=2,2,2:1,8,1", "--save_on=2,2,2", "--restore_onto=1,8,1"]),
+      "sde_b": (SDE, 8, ["--meshes=8,1,1:1,2,4"]),
+      "llm": (LLM, 8, ["--meshes=1,1,1:" + ":".join(MESHES), "--save_on=2,2,2",
+                       "--restore_onto=1,8,1"]),
+  }
+  for i in range(2):
+    jobs[f"llm_process{i}"] = (LLM, 4, ["--meshes=2,2,2", "--save_on=2,2,2",
+                                        "--restore_onto=1,8,1", "--num_processes=2",
+                                        f"--process_id={i}", f"--port={port}"])
+  procs = {}
+  for name, (script, devices, flags) in jobs.items():
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    group = name.rstrip("0123456789")     # the two processes share a workdir and output
+    log = open(tmp / f"{name}.log", "w")
+    procs[name] = (subprocess.Popen(
+        [sys.executable, script, f"--workdir={tmp / group}", f"--out={tmp / group}.npz",
+         *flags], env=env, stdout=log, stderr=subprocess.STDOUT), log)
+  failed = []
+  for name, (proc, log) in procs.items():
+    try:
+      code = proc.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      code = "timeout"
+    log.close()
+    if code != 0:
+      failed.append(f"{name} exited {code}:\n" + (tmp / f"{name}.log").read_text()[-3000:])
+  assert not failed, "\n\n".join(failed)
+  return {name: np.load(tmp / f"{name}.npz")
+          for name in ("sde_single", "sde_a", "sde_b", "llm", "llm_process")}
+
+
+def _assert_same_params(a, prefix_a, b, prefix_b, atol):
+  names = [n for n in a.files if n.startswith(prefix_a + "/") and "params" in n]
+  assert names
+  for name in names:
+    np.testing.assert_allclose(a[name], b[name.replace(prefix_a, prefix_b, 1)], atol=atol,
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sde_steps_on_mesh_match_single_device(runs, mesh):
+  """3 steps of generator + discriminator on each 8-device mesh against one device."""
+  single = runs["sde_single"]
+  sharded = runs["sde_a"] if mesh in ("2,2,2", "1,8,1") else runs["sde_b"]
   assert int(single["devices"]) == 1 and int(sharded["devices"]) == 8
-  np.testing.assert_allclose(sharded["loss"], single["loss"], rtol=1e-5)
-  # the MLP kernel [32, 64] is split over fsdp (embed) and tensor (mlp)
-  assert tuple(single["fc1_shard_shape"]) == (32, 64)
-  assert tuple(sharded["fc1_shard_shape"]) == (16, 32)
-  for name in single.files:
-    if not name.startswith("params"):
-      continue
-    # Absolute bound: attention key biases have zero gradient in exact arithmetic
-    # (softmax ignores them) and Adam turns their rounding noise into small steps,
-    # so their relative error is meaningless. Seen: at most 3e-6.
-    np.testing.assert_allclose(sharded[name], single[name], atol=1e-4, err_msg=name)
+  np.testing.assert_allclose(sharded[f"{mesh}/loss"], single["1,1,1/loss"], rtol=1e-5)
+  # Absolute bound: attention key biases have zero gradient in exact arithmetic
+  # (softmax ignores them) and Adam turns their rounding noise into small steps,
+  # so their relative error is meaningless. Seen: at most 3e-6.
+  _assert_same_params(sharded, mesh, single, "1,1,1", atol=1e-4)
+  # the image encoder's MLP kernel [embed 32, mlp 64]: embed over fsdp, mlp over tensor
+  data, fsdp, tensor = (int(x) for x in mesh.split(","))
+  assert tuple(sharded[f"{mesh}/fc1_shard_shape"]) == (32 // fsdp, 64 // tensor)
+
+
+def test_sde_checkpoint_from_2x2x2_resumes_on_1x8x1(runs):
+  """The (2,2,2) run's checkpoint (state and data iterator) continues on (1,8,1) with
+  the loss an uninterrupted single-device run has at that step."""
+  np.testing.assert_allclose(runs["sde_a"]["resumed/loss"], runs["sde_single"]["resumed/loss"],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_llm_steps_on_mesh_match_single_device(runs, mesh):
+  llm = runs["llm"]
+  np.testing.assert_allclose(llm[f"{mesh}/loss"], llm["1,1,1/loss"], rtol=1e-5)
+  # lr 1e-2: every step moves a parameter by ~1e-2; seen differences <= 2e-4
+  _assert_same_params(llm, mesh, llm, "1,1,1", atol=5e-4)
+
+
+def test_fsdp8_holds_an_eighth_of_the_parameters_per_device(runs):
+  llm = runs["llm"]
+  total = int(llm["1,8,1/param_bytes"])
+  assert int(llm["1,1,1/param_bytes_per_device"]) == total
+  # only the norm scales (a few hundred floats) stay replicated
+  assert total / 8 <= int(llm["1,8,1/param_bytes_per_device"]) <= total / 8 * 1.02
+
+
+def test_llm_checkpoint_from_2x2x2_continues_on_1x8x1(runs):
+  llm = runs["llm"]
+  np.testing.assert_allclose(llm["resumed/loss"], llm["saved/next_loss"], rtol=1e-6)
+  assert tuple(llm["resumed/fc_shard_shape"]) == (64 // 8, 128)   # gate_proj [embed, mlp]
+
+
+def test_two_processes_match_one_process(runs):
+  """jax.distributed on localhost, 2 processes x 4 devices, mesh (2,2,2), each process
+  feeding only its own rows; then a collective save and a restore onto (1,8,1)."""
+  two, one = runs["llm_process"], runs["llm"]
+  assert int(two["processes"]) == 2 and int(two["devices"]) == 8
+  np.testing.assert_allclose(two["2,2,2/loss"], one["2,2,2/loss"], rtol=1e-5)
+  _assert_same_params(two, "2,2,2", one, "2,2,2", atol=5e-4)
+  np.testing.assert_allclose(two["resumed/loss"], one["resumed/loss"], rtol=1e-5)
+
+
+def test_activation_constraints_only_under_a_mesh():
+  """Models pin their block outputs only while a trainer traces them under
+  ``activation_sharding`` (models know nothing of meshes)."""
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  from muse_jax.models import layers, qwen2
+  config = qwen2.Qwen2Config(vocab_size=64, hidden_size=16, num_layers=3, num_heads=2,
+                             num_kv_heads=1, mlp_dim=32)
+  model = qwen2.Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  forward = lambda state, ids: nnx.merge(graphdef, state)(ids)
+  ids = jax.numpy.zeros((2, 8), jax.numpy.int32)
+  mesh = sharding.make_mesh(sharding.mesh_config(), jax.devices()[:1])
+  seen = []
+
+  def resolver(names, shape):
+    seen.append((names, tuple(shape)))
+    return NamedSharding(mesh, sharding.logical_to_mesh(names, shape, mesh))
+
+  jax.make_jaxpr(forward)(state, ids)
+  assert not seen
+  with layers.activation_sharding(resolver):
+    # a new function: traces are cached per function, which is why trainers set the
+    # context inside the jitted function (sharding.jit_sharded), never around a call
+    jax.make_jaxpr(lambda *a: forward(*a))(state, ids)
+  # the embedding output and every layer's output: the residual stream
+  assert seen == [(("batch", "seq", "act_embed"), (2, 8, 16))] * (config.num_layers + 1)
+  assert sharding.logical_to_mesh(("batch", "seq", "act_embed"), (16, 8, 64),
+                                  _FakeMesh(2, 4, 2)) == P(("data", "fsdp"), None, None)

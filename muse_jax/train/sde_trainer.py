@@ -13,6 +13,7 @@ resumed run reproduces an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -205,11 +206,11 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
 
   replicated = NamedSharding(mesh, P())
   batch = sharding.batch_sharding(mesh)
-  return (jax.jit(train_step, static_argnames="use_gan", donate_argnums=0,
-                  in_shardings=(state_shardings, lpips_shardings, batch),
-                  out_shardings=(state_shardings, replicated, replicated)),
-          jax.jit(eval_step, in_shardings=(state_shardings, batch, batch),
-                  out_shardings=replicated))
+  return (sharding.jit_sharded(train_step, mesh, static_argnames="use_gan", donate_argnums=0,
+                               in_shardings=(state_shardings, lpips_shardings, batch),
+                               out_shardings=(state_shardings, replicated, replicated)),
+          sharding.jit_sharded(eval_step, mesh, in_shardings=(state_shardings, batch, batch),
+                               out_shardings=replicated))
 
 
 def init_state(models: Models, tx, dtx) -> tuple[dict[str, Any], Any]:
@@ -286,6 +287,48 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
   return scalars
 
 
+@dataclasses.dataclass
+class Setup:
+  """The jitted pieces of one run on one mesh, and the shapes they expect."""
+  models: Models
+  abstract_state: Any           # sharded ShapeDtypeStructs: the init's output, Orbax's target
+  abstract_lpips: Any
+  batch_sharding: NamedSharding
+  init: Any                     # () -> (state, LPIPS parameters), created sharded
+  train_step: Any               # (state, lpips_params, images, use_gan) -> (state, metrics, counts)
+  eval_step: Any
+
+  def aot_programs(self, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """{name: (jitted function, abstract args, static kwargs)} for ahead-of-time compiles:
+    the initialiser and the heaviest train step (discriminator on)."""
+    size = config.model.encoder.image_size
+    images = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
+                                  sharding=self.batch_sharding)
+    return {"init": (self.init, (), {}),
+            "train_step": (self.train_step, (self.abstract_state, self.abstract_lpips, images),
+                           {"use_gan": self.models.has_disc})}
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+  config_lib.validate_sde(config)
+  config_lib.check_batch_fits_mesh(config, mesh)
+  models = Models(config)
+  tx, lr = optimizers.adam(config.optimizer, config.total_steps)
+  dtx = optimizers.adam(config.disc_optimizer, config.total_steps)[0] if models.has_disc else None
+  build = functools.partial(init_state, models, tx, dtx)
+  abstract_state, abstract_lpips = jax.eval_shape(build)
+  state_shardings = sharding.shardings(abstract_state, mesh)
+  lpips_shardings = sharding.shardings(abstract_lpips, mesh)
+  train_step, eval_step = make_steps(models, config, tx, lr, dtx, mesh, state_shardings,
+                                     lpips_shardings)
+  return Setup(
+      models=models, abstract_state=sharding.abstract_on_mesh(abstract_state, mesh),
+      abstract_lpips=sharding.abstract_on_mesh(abstract_lpips, mesh),
+      batch_sharding=sharding.batch_sharding(mesh),
+      init=jax.jit(build, out_shardings=(state_shardings, lpips_shardings)),
+      train_step=train_step, eval_step=eval_step)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) the SDE tokenizer; returns the final state and last metrics.
@@ -299,14 +342,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   is_lead = process_index == 0
 
   mesh = sharding.make_mesh(config.mesh)
-  models = Models(config)
-  tx, lr = optimizers.adam(config.optimizer, config.total_steps)
-  dtx = optimizers.adam(config.disc_optimizer, config.total_steps)[0] if models.has_disc else None
-  build = functools.partial(init_state, models, tx, dtx)
-  abstract_state, abstract_lpips = jax.eval_shape(build)
-  state_shardings = sharding.shardings(abstract_state, mesh)
-  lpips_shardings = sharding.shardings(abstract_lpips, mesh)
-  state, lpips_params = jax.jit(build, out_shardings=(state_shardings, lpips_shardings))()
+  run = setup(config, mesh)
+  models = run.models
+  state, lpips_params = run.init()
   lpips_params = load_pretrained(models, state, lpips_params, mesh)
 
   pipeline = data_lib.build_train_pipeline(
@@ -316,7 +354,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                      keep=config.keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state = ckpt.restore(start, sharding.abstract_on_mesh(abstract_state, mesh))
+    state, data_state = ckpt.restore(start, run.abstract_state)
     pipeline.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   start = int(state["step"])
@@ -325,9 +363,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
 
   writer = (metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if is_lead
             else metrics_lib.MetricWriter())
-  train_step, eval_step = make_steps(models, config, tx, lr, dtx, mesh, state_shardings,
-                                     lpips_shardings)
-  batch_sharding = sharding.batch_sharding(mesh)
+  train_step, eval_step = run.train_step, run.eval_step
+  batch_sharding = run.batch_sharding
   usage = CodebookUsage(config.model.codebook_size, config.usage_window)
   progress = metrics_lib.ProgressLine(config.total_steps, start)
   pending_counts, last = [], {}

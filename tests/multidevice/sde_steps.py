@@ -1,14 +1,19 @@
-"""Runs a few SDE train steps on one mesh and saves losses and parameters.
+"""Runs a few SDE train steps on one or more meshes and saves losses and parameters.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/sde_steps.py \
-      --mesh=2,2,2 --out=/tmp/r.npz --workdir=/tmp/w
+      --meshes=2,2,2:1,8,1 --save_on=2,2,2 --restore_onto=1,8,1 --out=/tmp/r.npz --workdir=/tmp/w
 
 Run as its own process because the number of CPU devices is fixed when JAX
-starts; tests/test_parallel.py compares the outputs of several meshes.
+starts; tests/test_parallel.py compares the outputs of several meshes. Every
+mesh uses all devices and trains ``--steps`` of a ``--steps + 1`` step run
+(the discriminator is on from the first step), ending with a checkpoint.
+``--restore_onto=M`` then resumes the ``--save_on`` run's checkpoint on mesh M
+for the last step (``resumed/loss``).
 """
 
 import argparse
 import os
+import shutil
 import sys
 
 import jax
@@ -20,30 +25,42 @@ from conftest import tiny_sde_config  # noqa: E402
 from muse_jax.train import sde_trainer  # noqa: E402
 
 
-def config_for(mesh, steps, disc_start):
-  c = tiny_sde_config(batch_size=8, total_steps=steps, disc_start=disc_start)
+def config_for(spec, steps):
+  c = tiny_sde_config(batch_size=8, total_steps=steps, disc_start=0)
   c.update(eval_every=1000, checkpoint_every=1000)
-  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  data, fsdp, tensor = (int(x) for x in spec.split(","))
+  c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   return c
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--mesh", required=True)
+  parser.add_argument("--meshes", required=True, help="colon-separated data,fsdp,tensor")
   parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--disc_start", type=int, default=2)
+  parser.add_argument("--save_on", default="")
+  parser.add_argument("--restore_onto", default="")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  mesh = tuple(int(x) for x in args.mesh.split(","))
-  result = sde_trainer.train(config_for(mesh, args.steps, args.disc_start), args.workdir)
-  state = result["state"]
-  arrays = {"loss": np.float64(result["metrics"]["loss/total"]),
-            "devices": np.int64(jax.device_count())}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
-    arrays["params" + jax.tree_util.keystr(path)] = np.asarray(jax.device_get(leaf))
-  embed = state["params"]["image_encoder"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
-  arrays["fc1_shard_shape"] = np.asarray(embed[...].addressable_shards[0].data.shape)
+  arrays = {"devices": np.int64(jax.device_count())}
+  for spec in args.meshes.split(":"):
+    result = sde_trainer.train(config_for(spec, args.steps + 1),
+                               os.path.join(args.workdir, spec), stop_after=args.steps)
+    state = result["state"]
+    arrays[f"{spec}/loss"] = np.float64(result["metrics"]["loss/total"])
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
+      arrays[f"{spec}/params{jax.tree_util.keystr(path)}"] = np.asarray(jax.device_get(leaf))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state["disc_params"]):
+      arrays[f"{spec}/disc_params{jax.tree_util.keystr(path)}"] = np.asarray(
+          jax.device_get(leaf))
+    fc1 = state["params"]["image_encoder"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
+    arrays[f"{spec}/fc1_shard_shape"] = np.asarray(fc1[...].addressable_shards[0].data.shape)
+  if args.restore_onto:
+    workdir = os.path.join(args.workdir, "resumed")
+    shutil.copytree(os.path.join(args.workdir, args.save_on), workdir)
+    result = sde_trainer.train(config_for(args.restore_onto, args.steps + 1), workdir)
+    assert result["step"] == args.steps + 1
+    arrays["resumed/loss"] = np.float64(result["metrics"]["loss/total"])
   np.savez(args.out, **arrays)
 
 
