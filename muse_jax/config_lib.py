@@ -86,6 +86,7 @@ def sde_defaults() -> ml_collections.ConfigDict:
   c.lpips_checkpoint = ""          # converted LPIPS weights (python -m muse_jax.convert lpips)
   c.lpips_width_divisor = 1        # >1 narrows VGG16 (CPU demos only; real weights need 1)
   c.siglip_checkpoint = ""         # converted SigLIP tower: initialises both encoders
+  c.replicate_frozen = False       # True: semantic encoder + LPIPS whole on every device
   c.log_every = 50
   c.eval_every = 5_000
   c.checkpoint_every = 5_000

@@ -55,3 +55,27 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: config.model.mode:") and "both" in last
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, field", [
+    (lambda c: c.model.update(num_kv_heads=5), "config.model.num_kv_heads"),
+    (lambda c: c.model.update(num_heads=27, num_kv_heads=3), "config.model.hidden_size"),
+    (lambda c: c.model.update(dtype="fp8"), "config.model.dtype"),
+    (lambda c: c.vocab.update(num_visual=-1), "config.vocab.num_visual"),
+    (lambda c: c.update(seq_len=0), "config.seq_len"),
+])
+def test_impossible_decoder_config_names_field(config_loader, override, field):
+  config = config_loader("muse_vl")
+  config_lib.validate_llm(config)
+  override(config)
+  with pytest.raises(config_lib.ConfigError) as err:
+    config_lib.validate_llm(config)
+  assert str(err.value).startswith(field) and ";" in str(err.value)
+
+
+@pytest.mark.parametrize("preset, vocab", [("qwen2.5-7b", 184960), ("qwen2.5-0.5b", 184832),
+                                           ("yi-1.5-9b", 96896)])
+def test_decoder_configs_extend_the_vocabulary(config_loader, preset, vocab):
+  """Base rows + 32768 visual ids + <soi>, <eoi>, padded to a multiple of 128."""
+  model = config_lib.llm_model_config(config_loader("muse_vl", preset))
+  assert model.vocab_size == vocab and vocab % 128 == 0

@@ -15,7 +15,10 @@ from flax import nnx  # noqa: E402
 from muse_jax.convert import __main__ as cli  # noqa: E402
 from muse_jax.convert import hf, siglip as siglip_convert  # noqa: E402
 from muse_jax.models import siglip  # noqa: E402
-from muse_jax.train import checkpoint as train_checkpoint  # noqa: E402
+from muse_jax import config_lib  # noqa: E402
+from muse_jax.parallel import sharding  # noqa: E402
+from muse_jax.train import sde_trainer  # noqa: E402
+from conftest import tiny_sde_config  # noqa: E402
 
 TOWERS = {
     "patch16": dict(image_size=32, patch_size=16, hidden_size=48, intermediate_size=96,
@@ -92,13 +95,21 @@ def test_full_siglip_model_uses_its_vision_half_and_feeds_the_sde_trainer(tmp_pa
   ref = ref.last_hidden_state.numpy()
 
   cli.main(["siglip", "--hf_dir", str(tmp_path / "full"), "--out", str(tmp_path / "ckpt")])
-  # what the SDE trainer does with config.siglip_checkpoint
-  tower = siglip.SiglipVisionTower(siglip.SiglipConfig(
-      image_size=32, patch_size=16, width=48, depth=2, num_heads=4, mlp_dim=96),
-      rngs=nnx.Rngs(0))
-  nnx.update(tower, train_checkpoint.load_params(str(tmp_path / "ckpt"),
-                                                 nnx.state(tower, nnx.Param)))
-  _assert_close_to_scale(forward(tower, jnp.asarray(pixels)), ref)
+  # the SDE trainer reads it into both encoders, straight into their shardings
+  c = tiny_sde_config(batch_size=2, total_steps=1, disc_start=1)
+  c.model.encoder.update(image_size=32, patch_size=16, width=48, depth=2, num_heads=4,
+                         mlp_dim=96)
+  c.model.semantic_decoder.update(width=48, num_heads=4)
+  c.model.decoder.ch_mult = (1, 1, 1, 2, 2)          # 16x: the 2x2 token grid
+  c.siglip_checkpoint = str(tmp_path / "ckpt")
+  run = sde_trainer.setup(c, sharding.make_mesh(c.mesh))
+  state, lpips_params = run.init()
+  sde_trainer.load_pretrained(run, state, lpips_params)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: siglip.SiglipVisionTower(
+      config_lib.sde_model_config(c).encoder, rngs=nnx.Rngs(0))))
+  for weights in (state["params"]["image_encoder"], state["frozen"]["semantic_encoder"]):
+    tower = nnx.merge(graphdef, weights)
+    _assert_close_to_scale(forward(tower, jnp.asarray(pixels)), ref)
 
 
 def test_unsupported_or_mis_shaped_towers_fail_clearly(tmp_path):

@@ -123,6 +123,9 @@ def test_sde_steps_on_mesh_match_single_device(runs, mesh):
   # the image encoder's MLP kernel [embed 32, mlp 64]: embed over fsdp, mlp over tensor
   data, fsdp, tensor = (int(x) for x in mesh.split(","))
   assert tuple(sharded[f"{mesh}/fc1_shard_shape"]) == (32 // fsdp, 64 // tensor)
+  # frozen weights follow the same rules unless config.replicate_frozen (set on 1,8,1)
+  frozen = (32, 64) if mesh == "1,8,1" else (32 // fsdp, 64 // tensor)
+  assert tuple(sharded[f"{mesh}/frozen_fc1_shard_shape"]) == frozen
 
 
 def test_sde_checkpoint_from_2x2x2_resumes_on_1x8x1(runs):

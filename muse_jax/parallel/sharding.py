@@ -171,13 +171,11 @@ def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, local)
 
 
-def abstract_on_mesh(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-  """Abstract state (from ``jax.eval_shape``) whose leaves carry their target sharding:
-  the restore target that lets Orbax read a checkpoint onto any mesh."""
-  def place(x):
-    if isinstance(x, nnx.Variable):
-      names = x.get_metadata().get("out_sharding")
-      sh = NamedSharding(mesh, logical_to_mesh(names, x.shape, mesh, rules))
-      return x.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh))
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
-  return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def with_shardings(tree: Any, placements: Any) -> Any:
+  """Abstract state (from ``jax.eval_shape``) whose leaves carry the shardings of
+  ``placements`` (from ``shardings``): the restore target that lets Orbax read a
+  checkpoint onto any mesh, and the arguments of ahead-of-time compiles."""
+  def attach(x, placement):
+    abstract = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement)
+    return x.replace(abstract) if isinstance(x, nnx.Variable) else abstract
+  return jax.tree.map(attach, tree, placements, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -76,10 +76,10 @@ class Setup:
             for k, dtype in BATCH_KEYS.items()}
 
   def aot_programs(self, config: ml_collections.ConfigDict) -> dict[str, tuple]:
-    """{name: (jitted function, abstract args, static kwargs)} for ahead-of-time compiles."""
+    """{name: (jitted function, abstract args)} for ahead-of-time compiles."""
     batch = self.batch_spec(config.batch_size, config.seq_len)
-    return {"init": (self.init, (), {}),
-            "train_step": (self.train_step, (self.abstract_state, batch), {})}
+    return {"init": (self.init, ()),
+            "train_step": (self.train_step, (self.abstract_state, batch))}
 
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
@@ -118,7 +118,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   batch_shardings = {k: batch for k in BATCH_KEYS}
   return Setup(
       model_config=model_config, graphdef=graphdef,
-      abstract_state=sharding.abstract_on_mesh(abstract, mesh),
+      abstract_state=sharding.with_shardings(abstract, state_shardings),
       state_shardings=state_shardings, batch_sharding=batch,
       init=jax.jit(build, out_shardings=state_shardings),
       train_step=sharding.jit_sharded(

@@ -85,16 +85,17 @@ class Models:
     return nnx.merge(self.graphdef, trainable, frozen)
 
 
-def load_pretrained(models: Models, state: dict[str, Any], lpips_params: Any,
-                    mesh: jax.sharding.Mesh) -> Any:
+def load_pretrained(run: Setup, state: dict[str, Any], lpips_params: Any) -> Any:
   """Converted SigLIP weights into both encoders (in place in ``state``); returns the
-  LPIPS parameters, converted ones when ``config.lpips_checkpoint`` is set."""
+  LPIPS parameters, converted ones when ``config.lpips_checkpoint`` is set. Weights
+  are read straight into the run's shardings."""
+  models = run.models
   config = models.config
   if config.siglip_checkpoint:
     for group, tower in (("params", "image_encoder"), ("frozen", "semantic_encoder")):
       if tower in state[group]:
-        target = sharding.abstract_on_mesh(state[group][tower], mesh)
-        state[group][tower] = checkpoint_lib.load_params(config.siglip_checkpoint, target)
+        state[group][tower] = checkpoint_lib.load_params(config.siglip_checkpoint,
+                                                         run.abstract_state[group][tower])
     logging.info("initialised image and semantic encoders from %s", config.siglip_checkpoint)
   elif models.model_cfg.has_semantic_branch:
     logging.warning("config.siglip_checkpoint is empty: the frozen semantic encoder keeps its "
@@ -104,8 +105,7 @@ def load_pretrained(models: Models, state: dict[str, Any], lpips_params: Any,
     return None
   if config.lpips_checkpoint:
     logging.info("LPIPS weights from %s", config.lpips_checkpoint)
-    return checkpoint_lib.load_params(config.lpips_checkpoint,
-                                      sharding.abstract_on_mesh(lpips_params, mesh))
+    return checkpoint_lib.load_params(config.lpips_checkpoint, run.abstract_lpips)
   logging.warning("config.lpips_checkpoint is empty: LPIPS uses RANDOM VGG16 weights, so the "
                   "perceptual loss is not the published LPIPS (convert the public weights "
                   "with `python -m muse_jax.convert lpips`)")
@@ -299,14 +299,14 @@ class Setup:
   eval_step: Any
 
   def aot_programs(self, config: ml_collections.ConfigDict) -> dict[str, tuple]:
-    """{name: (jitted function, abstract args, static kwargs)} for ahead-of-time compiles:
+    """{name: (jitted function, abstract args)} for ahead-of-time compiles:
     the initialiser and the heaviest train step (discriminator on)."""
     size = config.model.encoder.image_size
     images = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
                                   sharding=self.batch_sharding)
-    return {"init": (self.init, (), {}),
-            "train_step": (self.train_step, (self.abstract_state, self.abstract_lpips, images),
-                           {"use_gan": self.models.has_disc})}
+    return {"init": (self.init, ()),
+            "train_step": (self.train_step, (self.abstract_state, self.abstract_lpips, images,
+                                             self.models.has_disc))}
 
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
@@ -317,13 +317,17 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   dtx = optimizers.adam(config.disc_optimizer, config.total_steps)[0] if models.has_disc else None
   build = functools.partial(init_state, models, tx, dtx)
   abstract_state, abstract_lpips = jax.eval_shape(build)
+  # frozen weights (semantic encoder, LPIPS) get no gradients or moments: replicating
+  # them trades memory for the all-gathers that sharding them costs in every step
+  frozen_rules = () if config.replicate_frozen else sharding.DEFAULT_RULES
   state_shardings = sharding.shardings(abstract_state, mesh)
-  lpips_shardings = sharding.shardings(abstract_lpips, mesh)
+  state_shardings["frozen"] = sharding.shardings(abstract_state["frozen"], mesh, frozen_rules)
+  lpips_shardings = sharding.shardings(abstract_lpips, mesh, frozen_rules)
   train_step, eval_step = make_steps(models, config, tx, lr, dtx, mesh, state_shardings,
                                      lpips_shardings)
   return Setup(
-      models=models, abstract_state=sharding.abstract_on_mesh(abstract_state, mesh),
-      abstract_lpips=sharding.abstract_on_mesh(abstract_lpips, mesh),
+      models=models, abstract_state=sharding.with_shardings(abstract_state, state_shardings),
+      abstract_lpips=sharding.with_shardings(abstract_lpips, lpips_shardings),
       batch_sharding=sharding.batch_sharding(mesh),
       init=jax.jit(build, out_shardings=(state_shardings, lpips_shardings)),
       train_step=train_step, eval_step=eval_step)
@@ -345,7 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   run = setup(config, mesh)
   models = run.models
   state, lpips_params = run.init()
-  lpips_params = load_pretrained(models, state, lpips_params, mesh)
+  lpips_params = load_pretrained(run, state, lpips_params)
 
   pipeline = data_lib.build_train_pipeline(
       config.data, global_batch_size=config.batch_size, seed=config.seed,

@@ -6,7 +6,9 @@
 Run as its own process because the number of CPU devices is fixed when JAX
 starts; tests/test_parallel.py compares the outputs of several meshes. Every
 mesh uses all devices and trains ``--steps`` of a ``--steps + 1`` step run
-(the discriminator is on from the first step), ending with a checkpoint.
+(the discriminator is on from the first step), ending with a checkpoint. Mesh
+(1,8,1) replicates the frozen weights (``config.replicate_frozen``), the others
+shard them like the trained ones.
 ``--restore_onto=M`` then resumes the ``--save_on`` run's checkpoint on mesh M
 for the last step (``resumed/loss``).
 """
@@ -30,6 +32,7 @@ def config_for(spec, steps):
   c.update(eval_every=1000, checkpoint_every=1000)
   data, fsdp, tensor = (int(x) for x in spec.split(","))
   c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  c.replicate_frozen = spec == "1,8,1"      # the other meshes shard the frozen weights
   return c
 
 
@@ -55,6 +58,9 @@ def main():
           jax.device_get(leaf))
     fc1 = state["params"]["image_encoder"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
     arrays[f"{spec}/fc1_shard_shape"] = np.asarray(fc1[...].addressable_shards[0].data.shape)
+    frozen = state["frozen"]["semantic_encoder"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
+    arrays[f"{spec}/frozen_fc1_shard_shape"] = np.asarray(
+        frozen[...].addressable_shards[0].data.shape)
   if args.restore_onto:
     workdir = os.path.join(args.workdir, "resumed")
     shutil.copytree(os.path.join(args.workdir, args.save_on), workdir)
