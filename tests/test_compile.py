@@ -57,3 +57,11 @@ def test_a_config_that_cannot_fit_the_slice_says_so():
   assert out.returncode != 0
   assert "error: config.batch_size: 6 does not split over the mesh's 4 batch shards" in (
       out.stderr)
+
+
+def test_two_slices_put_data_parallelism_across_dcn():
+  """Multi-slice: a hybrid mesh, fsdp inside each slice and data across the two."""
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--num_slices=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "8 x TPU v5 lite (v5e:2x2, 2 slice(s))" in out.stdout
+  assert "'data': 2, 'fsdp': 4, 'tensor': 1" in out.stdout
