@@ -1,5 +1,6 @@
 """Test-wide setup: CPU only, and config files importable by path."""
 
+import argparse
 import importlib.util
 import os
 import pathlib
@@ -42,6 +43,18 @@ def tiny_sde_config(*, batch_size: int, total_steps: int, disc_start: int):
            num_grid_images=2)
   c.loss.disc_start = disc_start
   return c
+
+
+def mesh_run_parser() -> argparse.ArgumentParser:
+  """Flags shared by the tests/multidevice scripts (see their docstrings)."""
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--meshes", required=True, help="colon-separated data,fsdp,tensor")
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--save_on", default="", help="mesh whose run writes a checkpoint")
+  parser.add_argument("--restore_onto", default="", help="mesh that resumes that checkpoint")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", required=True)
+  return parser
 
 
 @pytest.fixture

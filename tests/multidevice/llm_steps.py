@@ -14,14 +14,13 @@ checkpoint after mesh M's steps and goes on one step (``saved/next_loss``);
 (``resumed/loss``).
 """
 
-import argparse
 import os
 import sys
 
 import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import load_config  # noqa: E402
+from conftest import load_config, mesh_run_parser  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -64,13 +63,7 @@ def gathered(tree):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--meshes", required=True, help="colon-separated data,fsdp,tensor")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--save_on", default="")
-  parser.add_argument("--restore_onto", default="")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", required=True)
+  parser = mesh_run_parser()
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)

@@ -13,7 +13,6 @@ shard them like the trained ones.
 for the last step (``resumed/loss``).
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import tiny_sde_config  # noqa: E402
+from conftest import mesh_run_parser, tiny_sde_config  # noqa: E402
 
 from muse_jax.train import sde_trainer  # noqa: E402
 
@@ -37,13 +36,7 @@ def config_for(spec, steps):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--meshes", required=True, help="colon-separated data,fsdp,tensor")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--save_on", default="")
-  parser.add_argument("--restore_onto", default="")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", required=True)
+  parser = mesh_run_parser()
   args = parser.parse_args()
   arrays = {"devices": np.int64(jax.device_count())}
   for spec in args.meshes.split(":"):
