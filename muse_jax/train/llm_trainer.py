@@ -110,7 +110,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
            "opt_state": opt_state}
-    metrics = {"loss/lm": loss, "grad_norm": optax.global_norm(grads), "lr": lr(state["step"]),
+    metrics = {"loss/lm": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"]),
                "tokens_with_loss": jnp.sum(batch["weights"])}
     return new, metrics
 

@@ -51,8 +51,10 @@ def chunked_cross_entropy(hidden: jax.Array, lm_head_kernel: jax.Array, targets:
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     weights = jnp.pad(weights, ((0, 0), (0, pad)))
   kernel = lm_head_kernel.astype(hidden.dtype)
-  chunk_loss = jax.checkpoint(_chunk_loss_sum)
   n = (t + pad) // chunk
+  if n == 1:   # all logits exist at once anyway: recomputing them would only cost time
+    return _chunk_loss_sum(hidden, kernel, targets, weights) / jnp.maximum(jnp.sum(weights), 1e-8)
+  chunk_loss = jax.checkpoint(_chunk_loss_sum)
   # scan over the leading axis: [n, B, chunk, ...]
   to_chunks = lambda x: jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 

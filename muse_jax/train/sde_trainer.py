@@ -165,7 +165,7 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
     new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
                step=state["step"] + 1)
     counts, perplexity = code_perplexity(codes, cfg.codebook_size)
-    out = dict(terms, **{"grad_norm/generator": optax.global_norm(grads),
+    out = dict(terms, **{"grad_norm/generator": optax.tree.norm(grads),
                          "lr": lr(state["step"]), "codebook/perplexity": perplexity})
     if use_gan:
       fake = jax.lax.stop_gradient(recon)
@@ -182,7 +182,7 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
       new.update(disc_params=optax.apply_updates(state["disc_params"], d_updates),
                  disc_opt_state=d_opt)
       out.update({"loss/discriminator": d_loss, "grad_norm/discriminator":
-                  optax.global_norm(d_grads), "disc/logits_real": real_mean,
+                  optax.tree.norm(d_grads), "disc/logits_real": real_mean,
                   "disc/logits_fake": fake_mean})
     return new, out, counts
 
