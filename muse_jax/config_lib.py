@@ -201,7 +201,7 @@ def validate_sde(c: ml_collections.ConfigDict) -> None:
         "use at least 2 codebook entries (the paper uses 32768)")
   factor = 2 ** (len(m.decoder.ch_mult) - 1)
   _check_divisible(enc.image_size, factor, "model.encoder.image_size",
-                   f"the pixel decoder's upsampling factor 2**(len(decoder.ch_mult)-1)")
+                   "the pixel decoder's upsampling factor 2**(len(decoder.ch_mult)-1)")
   check(enc.image_size // enc.patch_size >= enc.image_size // factor, "model.decoder.ch_mult",
         f"the decoder grid {enc.image_size // factor} is finer than the token grid "
         f"{enc.image_size // enc.patch_size}", "add a level to decoder.ch_mult")

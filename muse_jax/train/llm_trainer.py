@@ -63,13 +63,10 @@ def next_token_targets(ids: np.ndarray, segment_ids: np.ndarray,
 class Setup:
   """The jitted pieces of one run on one mesh, and the shapes they expect."""
   model_config: qwen2.Qwen2Config
-  graphdef: Any
   abstract_state: Any           # sharded ShapeDtypeStructs: the init's output, Orbax's target
-  state_shardings: Any
   batch_sharding: NamedSharding
   init: Any                     # () -> state, created sharded
   train_step: Any               # (state, batch) -> (state, metrics)
-  tx: optax.GradientTransformation
 
   def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=self.batch_sharding)
@@ -101,9 +98,8 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["ids"], segment_ids=batch["segment_ids"])
-    loss = lm_loss.chunked_cross_entropy(hidden, model.lm_head_kernel(), batch["targets"],
+    return lm_loss.chunked_cross_entropy(hidden, model.lm_head_kernel(), batch["targets"],
                                          batch["weights"], chunk=config.loss_chunk)
-    return loss
 
   def train_step(state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
@@ -117,12 +113,11 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   batch = sharding.batch_sharding(mesh)
   batch_shardings = {k: batch for k in BATCH_KEYS}
   return Setup(
-      model_config=model_config, graphdef=graphdef,
+      model_config=model_config,
       abstract_state=sharding.with_shardings(abstract, state_shardings),
-      state_shardings=state_shardings, batch_sharding=batch,
+      batch_sharding=batch,
       init=jax.jit(build, out_shardings=state_shardings),
       train_step=sharding.jit_sharded(
           train_step, mesh, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-          out_shardings=(state_shardings, NamedSharding(mesh, P()))),
-      tx=tx)
+          out_shardings=(state_shardings, NamedSharding(mesh, P()))))
 
