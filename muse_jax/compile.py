@@ -37,6 +37,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-16, v6e-64, "
                                 "or v5p:4x4x4")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (multi-slice).")
+_PROGRAMS = flags.DEFINE_list("programs", ["init", "train_step"],
+                              "Which programs to compile (init alone is quick: it shows the "
+                              "sharded state fits without compiling the backward pass).")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 1024 ** 3
@@ -123,7 +126,8 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, float]:
   return row
 
 
-def compile_for_topology(config, topology: str, num_slices: int = 1) -> dict:
+def compile_for_topology(config, topology: str, num_slices: int = 1,
+                         programs: tuple[str, ...] = ("init", "train_step")) -> dict:
   """Compiles the config's programs for the slice; returns the mesh and per-program reports."""
   from muse_jax.parallel import sharding
   chip, jax_topology = parse_topology(topology)
@@ -139,7 +143,12 @@ def compile_for_topology(config, topology: str, num_slices: int = 1) -> dict:
                                  f"use one of {sorted(setups)}")
   run = setups[config.trainer](config, mesh)
   reports = {}
-  for name, (fn, args) in run.aot_programs(config).items():
+  available = run.aot_programs(config)
+  unknown = sorted(set(programs) - set(available))
+  if unknown:
+    raise config_lib.ConfigError(f"--programs: {unknown} unknown; use some of {sorted(available)}")
+  for name in programs:
+    fn, args = available[name]
     reports[name] = memory_report(fn.lower(*args).compile(), chip.hbm_bytes)
   return {"topology": jax_topology, "num_slices": num_slices, "devices": len(devices),
           "device_kind": devices[0].device_kind, "hbm_bytes": chip.hbm_bytes,
@@ -163,7 +172,8 @@ def format_report(result: dict) -> str:
 def main(argv):
   del argv
   try:
-    result = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value)
+    result = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value,
+                                  tuple(_PROGRAMS.value))
   except (config_lib.ConfigError, TopologyError, ValueError) as e:
     if isinstance(e, (config_lib.ConfigError, TopologyError)) or type(e).__name__ == "MeshError":
       sys.exit(f"error: {e}")

@@ -65,3 +65,12 @@ def test_two_slices_put_data_parallelism_across_dcn():
   assert out.returncode == 0, out.stderr[-3000:]
   assert "8 x TPU v5 lite (v5e:2x2, 2 slice(s))" in out.stdout
   assert "'data': 2, 'fsdp': 4, 'tensor': 1" in out.stdout
+
+
+def test_init_alone_and_unknown_programs():
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--programs=init")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r"^\s+init\s", out.stdout, re.M) and "train_step" not in out.stdout
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--programs=step")
+  assert out.returncode != 0
+  assert "error: --programs: ['step'] unknown; use some of ['init', 'train_step']" in out.stderr
