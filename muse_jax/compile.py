@@ -31,6 +31,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from muse_jax import config_lib
+from muse_jax.parallel import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sde_256.py",
                                           lock_config=True)
@@ -129,7 +130,6 @@ def memory_report(compiled, hbm_bytes: int) -> dict[str, float]:
 def compile_for_topology(config, topology: str, num_slices: int = 1,
                          programs: tuple[str, ...] = ("init", "train_step")) -> dict:
   """Compiles the config's programs for the slice; returns the mesh and per-program reports."""
-  from muse_jax.parallel import sharding
   chip, jax_topology = parse_topology(topology)
   devices = tpu_devices(jax_topology, num_slices)
   mesh_config = config.mesh
@@ -174,10 +174,8 @@ def main(argv):
   try:
     result = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value,
                                   tuple(_PROGRAMS.value))
-  except (config_lib.ConfigError, TopologyError, ValueError) as e:
-    if isinstance(e, (config_lib.ConfigError, TopologyError)) or type(e).__name__ == "MeshError":
-      sys.exit(f"error: {e}")
-    raise
+  except (config_lib.ConfigError, TopologyError, sharding.MeshError) as e:
+    sys.exit(f"error: {e}")
   print(format_report(result))
   if not all(r["fits"] for r in result["programs"].values()):
     sys.exit(1)
