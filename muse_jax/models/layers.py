@@ -58,16 +58,30 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
                    out_sharding=tuple(names), eager_sharding=False)
 
 
+class Linear(nnx.Linear):
+  """nnx.Linear applied to the input flattened to [tokens, in].
+
+  Same parameters and result as nnx.Linear. The 2-D matmul matters for the
+  backward pass: differentiating a [B, T, in] x [in, out] contraction gives the
+  weight gradient in a layout that XLA:CPU materialises with a strided
+  transpose, which made a Qwen2 MLP's forward + backward ~30% slower.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def linear(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
            rngs: nnx.Rngs, use_bias: bool = True, dtype: Dtype = None,
            param_dtype: Dtype = jnp.float32,
-           kernel_init: Initializer = default_kernel_init) -> nnx.Linear:
-  """nnx.Linear whose kernel is [in, out] with logical names ``names``.
+           kernel_init: Initializer = default_kernel_init) -> Linear:
+  """A ``Linear`` whose kernel is [in, out] with logical names ``names``.
 
   The layout is the transpose of ``torch.nn.Linear.weight``; conversion from
   Hugging Face checkpoints is a plain transpose.
   """
-  return nnx.Linear(
+  return Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
       kernel_init=logical(kernel_init, *names),
       bias_init=logical(nnx.initializers.zeros_init(), names[1]),
