@@ -18,6 +18,8 @@ import os
 import statistics
 import time
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the peer runs on the CPU; skip accelerator probes
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,7 @@ def main() -> None:
 
   loss_ours, loss_torch = run_ours(), torch_step()        # compile / warm up
   load_before = os.getloadavg()[0]
+  steal_before = qwen2_pair.steal_ticks()
   times = {"ours": ([], []), "torch": ([], [])}            # (wall, process cpu) per step
   for _ in range(args.steps):
     for name, step in (("ours", run_ours), ("torch", torch_step)):
@@ -87,6 +90,7 @@ def main() -> None:
       "loss_ours": round(loss_ours, 5), "loss_torch": round(loss_torch, 5), **ms,
       "cpu_ratio_ours_over_torch": round(ms["ours_cpu_ms"] / ms["torch_cpu_ms"], 3),
       "cpu_cores": os.cpu_count(), "load_average_1m_before": load_before,
+      "cpu_steal_share": qwen2_pair.steal_share(steal_before),
       "ratio_ours_over_torch": round(ms["ours_wall_ms"] / ms["torch_wall_ms"], 3)}))
 
 

@@ -24,3 +24,23 @@ def build(**overrides):
     torch_model.save_pretrained(folder)
     ours = hf.load_qwen2(folder, dtype=jnp.float32)
   return torch_model, ours, sum(p.numel() for p in torch_model.parameters()) / 1e6
+
+
+def steal_ticks() -> tuple[int, int]:
+  """(steal, all) CPU ticks since boot from /proc/stat ((0, 0) where it does not exist).
+
+  On a VM the hypervisor 'steals' time for other guests; a run with a large
+  steal share measures the neighbours as much as the code.
+  """
+  try:
+    with open("/proc/stat") as f:
+      ticks = [int(v) for v in f.readline().split()[1:]]
+  except OSError:
+    return 0, 0
+  return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int]) -> float:
+  """Fraction of all CPU ticks since ``before`` that the hypervisor stole."""
+  steal, total = steal_ticks()
+  return round((steal - before[0]) / max(total - before[1], 1), 3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from muse_jax.models import qwen2
+from muse_jax.models import layers, qwen2
 from muse_jax.train import lm_loss
 
 TINY = qwen2.Qwen2Config(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
@@ -156,6 +156,24 @@ def test_generate_greedy_sampling_and_eos():
   stopped = np.asarray(qwen2.generate(model, prompt, 8, eos_id=eos))
   np.testing.assert_array_equal(stopped[0, :2], greedy[0, :2])
   assert (stopped[0, 2:] == eos).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_out_in_kernels_keep_logits_generation_and_axis_names(tied):
+  model = _model(dataclasses.replace(TINY, tie_word_embeddings=tied))
+  ids = _ids((2, 7), seed=8)
+  logits, greedy = _forward(model, ids), qwen2.generate(model, ids, 6)
+  gate = model.model.layers[0].mlp.gate_proj
+  in_out = np.asarray(gate.kernel[...])
+  layers.use_out_in_kernels(model)
+  assert gate.kernel_out_in and gate.kernel.shape == (TINY.mlp_dim, TINY.hidden_size)
+  assert gate.kernel.get_metadata()["out_sharding"] == ("mlp", "embed")
+  np.testing.assert_array_equal(gate.in_out_kernel(), in_out)
+  assert model.lm_head_kernel().shape == (TINY.hidden_size, TINY.vocab_size)
+  np.testing.assert_allclose(_forward(model, ids), logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(qwen2.generate(model, ids, 6), greedy)
+  layers.use_out_in_kernels(model)           # already [out, in]: unchanged
+  assert gate.kernel.shape == (TINY.mlp_dim, TINY.hidden_size)
 
 
 def test_sample_logits_respects_top_k_and_top_p():

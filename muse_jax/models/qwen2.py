@@ -266,7 +266,7 @@ class Qwen2ForCausalLM(nnx.Module):
     """[hidden, vocab] output projection (the transposed embedding when tied)."""
     if self.lm_head is None:
       return self.model.embed_tokens.embedding[...].T
-    return self.lm_head.kernel[...]
+    return self.lm_head.in_out_kernel()
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     kernel = self.lm_head_kernel().astype(self.config.dtype)
