@@ -2,7 +2,10 @@
 
 Same ~30M-parameter Qwen2 weights on both sides (converted with
 ``muse_jax.convert.hf.load_qwen2``, then ``layers.use_out_in_kernels``: the
-serving layout, [out, in] kernels like torch's), float32, same CPU, batch 1 and batch 8.
+serving layout, [out, in] kernels like torch's, whose decode-step matmuls run
+the CPU small-row kernel ``muse_jax.kernels.cpu_matmul``; ``cpu_kernel`` says
+whether it was built, and ``MUSE_JAX_CPU_KERNELS=0`` measures XLA's matmul
+instead), float32, same CPU, batch 1 and batch 8.
 Our whole decode loop is one jitted ``lax.scan``; transformers runs its Python
 loop with a DynamicCache. Runs alternate between the two; the figure is
 tokens/s ours / tokens/s torch in wall-clock time (higher is better), the
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from muse_jax.kernels import cpu_matmul
 from muse_jax.models import layers, qwen2
 
 import qwen2_pair
@@ -47,7 +51,8 @@ def main() -> None:
 
   result = {"benchmark": "qwen2_greedy_generate_fp32",
             "params_m": round(params_m, 1),
-            "prompt": args.prompt, "new_tokens": args.new_tokens}
+            "prompt": args.prompt, "new_tokens": args.new_tokens,
+            "cpu_kernel": cpu_matmul.available()}
   ratios = []
   load_before = os.getloadavg()[0]
   steal_before = qwen2_pair.steal_ticks()

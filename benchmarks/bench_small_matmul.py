@@ -5,9 +5,11 @@ token, so its speed is set by how many weight bytes per second the matmul
 reads. This measures that rate for XLA:CPU (through jax) and for torch on the
 same CPU, with weights far larger than the caches (256 MB), in both weight
 layouts: ``in_out`` ([in, out], x @ W, our kernels' layout) and ``out_in``
-([out, in], x @ W.T, torch's nn.Linear layout and our tied LM head). A jitted
-``jnp.sum`` over the same array gives the machine's streaming rate. The last
-field is XLA's best layout over torch's best layout (higher is better).
+([out, in], x @ W.T, torch's nn.Linear layout and our tied LM head), and for
+our CPU small-row kernel (``muse_jax.kernels.cpu_matmul``, [out, in]), which
+decoding uses up to 8 rows. A jitted ``jnp.sum`` over the same array gives the
+machine's streaming rate. The last fields are the kernel, and XLA's best
+layout, over torch's best layout (higher is better).
 
   python benchmarks/bench_small_matmul.py [--rows 8]
 """
@@ -26,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+
+from muse_jax.kernels import cpu_matmul
 
 
 def gb_per_s(run, nbytes: int, repeats: int = 9) -> float:
@@ -54,12 +58,14 @@ def main() -> None:
   jx, j_in_out, j_out_in = jnp.asarray(x), jnp.asarray(in_out), jnp.asarray(out_in)
   matmul_nn = jax.jit(lambda x, w: x @ w)
   matmul_nt = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))
+  kernel = jax.jit(cpu_matmul.matmul_out_in)
   total = jax.jit(jnp.sum)
   tx, t_in_out, t_out_in = torch.from_numpy(x), torch.from_numpy(in_out), torch.from_numpy(out_in)
 
   rates = {
       "xla_in_out_gb_s": gb_per_s(lambda: matmul_nn(jx, j_in_out).block_until_ready(), nbytes),
       "xla_out_in_gb_s": gb_per_s(lambda: matmul_nt(jx, j_out_in).block_until_ready(), nbytes),
+      "kernel_out_in_gb_s": gb_per_s(lambda: kernel(jx, j_out_in).block_until_ready(), nbytes),
       "xla_sum_gb_s": gb_per_s(lambda: total(j_in_out).block_until_ready(), nbytes),
       "torch_in_out_gb_s": gb_per_s(lambda: tx @ t_in_out, nbytes),
       "torch_out_in_gb_s": gb_per_s(lambda: tx @ t_out_in.T, nbytes),
@@ -70,6 +76,8 @@ def main() -> None:
       "benchmark": "small_matmul_weight_stream_fp32", "rows": args.rows,
       "weights_mb": round(nbytes / 2**20), "torch_threads": torch.get_num_threads(), **rates,
       "cpu_cores": os.cpu_count(), "load_average_1m_before": os.getloadavg()[0],
+      "kernel_applies": cpu_matmul.applies(jx, j_out_in),
+      "ratio_kernel_over_torch": round(rates["kernel_out_in_gb_s"] / best_torch, 2),
       "ratio_xla_over_torch": round(best_xla / best_torch, 2)}))
 
 

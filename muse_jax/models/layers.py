@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from muse_jax.kernels import cpu_matmul
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -67,10 +69,9 @@ class Linear(nnx.Linear):
   The 2-D matmul matters for the backward pass: differentiating a
   [B, T, in] x [in, out] contraction gives the weight gradient in a layout that
   XLA:CPU materialises with a strided transpose, which made a Qwen2 MLP's
-  forward + backward ~30% slower. The [out, in] layout matters for decoding a
-  few rows at a time: XLA:CPU streams an [out, in] weight through an 8-row
-  matmul about twice as fast (``benchmarks/bench_small_matmul.py``), while
-  training is faster with [in, out].
+  forward + backward ~30% slower. The [out, in] layout is for decoding a few
+  rows at a time: on CPU those matmuls run ``kernels.cpu_matmul`` (see
+  ``matmul``), while training is faster with [in, out].
   """
 
   kernel_out_in: bool = False
@@ -79,11 +80,8 @@ class Linear(nnx.Linear):
     rows = x.reshape(-1, x.shape[-1])
     bias = self.bias[...] if self.bias is not None else None
     rows, kernel, bias = self.promote_dtype((rows, self.kernel[...], bias), dtype=self.dtype)
-    extra = {} if self.preferred_element_type is None else {
-        "preferred_element_type": self.preferred_element_type}
-    contract = 1 if self.kernel_out_in else 0
-    y = self.dot_general(rows, kernel, (((1,), (contract,)), ((), ())), precision=self.precision,
-                         **extra)
+    y = matmul(rows, kernel, kernel_out_in=self.kernel_out_in, precision=self.precision,
+               preferred_element_type=self.preferred_element_type, dot_general=self.dot_general)
     if bias is not None:
       y += bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -93,11 +91,30 @@ class Linear(nnx.Linear):
     return self.kernel[...].T if self.kernel_out_in else self.kernel[...]
 
 
+def matmul(rows: jax.Array, kernel: jax.Array, *, kernel_out_in: bool, precision=None,
+           preferred_element_type: Dtype | None = None,
+           dot_general: Callable[..., jax.Array] = jax.lax.dot_general) -> jax.Array:
+  """Rows [M, in] times a kernel stored [in, out] or [out, in] -> [M, out].
+
+  An [out, in] kernel times 2 to 8 float32 rows on the CPU backend (batched
+  decoding; ``cpu_matmul.applies``) runs ``kernels.cpu_matmul``; mesh-sharded
+  traces (inside ``activation_sharding``) and everything else use ``dot_general``.
+  """
+  if (kernel_out_in and dot_general is jax.lax.dot_general and precision is None
+      and _ACTIVATION_RESOLVER.get() is None and cpu_matmul.applies(rows, kernel)):
+    return cpu_matmul.matmul_out_in(rows, kernel)
+  extra = {} if preferred_element_type is None else {
+      "preferred_element_type": preferred_element_type}
+  contract = 1 if kernel_out_in else 0
+  return dot_general(rows, kernel, (((1,), (contract,)), ((), ())), precision=precision, **extra)
+
+
 def use_out_in_kernels(model: nnx.Module) -> None:
   """Stores every ``Linear`` kernel under ``model`` as [out, in], in place.
 
-  For serving: batch-8 greedy decoding of the 31M benchmark Qwen2 on CPU runs
-  ~15% faster (see ``Linear``). One kernel is transposed at a time, so memory
+  For serving: decode steps of 2 to 8 rows then run the
+  CPU small-row kernel (``matmul``); batch-8 greedy decoding of the 31M
+  benchmark Qwen2 is ~1.5x faster. One kernel is transposed at a time, so memory
   grows by at most one kernel. The logical axis names are reversed with the
   axes. Checkpoints and Hugging Face export expect [in, out]: convert and save
   the model before calling this, not after.

@@ -269,8 +269,14 @@ class Qwen2ForCausalLM(nnx.Module):
     return self.lm_head.in_out_kernel()
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    kernel = self.lm_head_kernel().astype(self.config.dtype)
-    return jnp.dot(hidden.astype(self.config.dtype), kernel, preferred_element_type=jnp.float32)
+    if self.lm_head is None:   # the embedding is [vocab, hidden]: an [out, in] kernel
+      kernel, out_in = self.model.embed_tokens.embedding[...], True
+    else:
+      kernel, out_in = self.lm_head.kernel[...], self.lm_head.kernel_out_in
+    rows = hidden.reshape(-1, hidden.shape[-1]).astype(self.config.dtype)
+    logits = layers.matmul(rows, kernel.astype(self.config.dtype), kernel_out_in=out_in,
+                           preferred_element_type=jnp.float32)
+    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
   def hidden_states(self, ids: jax.Array, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None) -> jax.Array:
