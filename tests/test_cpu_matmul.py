@@ -71,3 +71,10 @@ def test_linear_uses_the_kernel_for_out_in_decode_rows_only():
 def test_build_failure_names_the_compiler(tmp_path):
   with pytest.raises(RuntimeError, match="no-such-compiler"):
     cpu_matmul.compile_library(compiler="no-such-compiler", cache_dir=tmp_path)
+
+
+def test_accelerator_lowering_of_the_same_trace_uses_xla():
+  x, w = _arrays(cpu_matmul.MAX_ROWS, 64, 32)
+  traced = jax.jit(cpu_matmul.matmul_out_in).trace(x, w)
+  assert cpu_matmul.TARGET in traced.lower().as_text()
+  assert cpu_matmul.TARGET not in traced.lower(lowering_platforms=("tpu",)).as_text()
