@@ -241,6 +241,9 @@ def llm_defaults(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "llm"
   c.seed = 0
+  # converted weights to start from (`python -m muse_jax.convert llm-from-hf --muse_vl`);
+  # "" = random initialisation
+  c.init_from = ""
   c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)   # ZeRO-3 over every chip
   model = dataclasses.asdict(qwen2.Qwen2Config.preset(preset))
   model.update(dtype="bfloat16", param_dtype="float32", remat=True)

@@ -11,11 +11,11 @@ import numpy as np  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from muse_jax import weights  # noqa: E402
 from muse_jax.convert import __main__ as cli  # noqa: E402
 from muse_jax.convert import lpips as lpips_convert  # noqa: E402
 from muse_jax.convert import tensor_io  # noqa: E402
 from muse_jax.models import lpips  # noqa: E402
-from muse_jax.train import checkpoint as train_checkpoint  # noqa: E402
 
 _CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 _POOLS = (4, 9, 16, 23)       # torchvision vgg16.features max-pool indices
@@ -90,8 +90,7 @@ def test_lpips_on_converted_weights_matches_torch_reference(files, tmp_path):
   # through the CLI into what the SDE trainer loads as config.lpips_checkpoint
   cli.main(["lpips", "--vgg", vgg_path, "--heads", heads_path, "--out", str(tmp_path / "ckpt")])
   fresh = nnx.eval_shape(lambda: lpips.LPIPS(rngs=nnx.Rngs(0)))
-  nnx.update(fresh, train_checkpoint.load_params(str(tmp_path / "ckpt"),
-                                                 nnx.state(fresh, nnx.Param)))
+  nnx.update(fresh, weights.load_pretrained(str(tmp_path / "ckpt"), nnx.state(fresh, nnx.Param)))
   np.testing.assert_array_equal(fresh.lin3.kernel[...], model.lin3.kernel[...])
   np.testing.assert_array_equal(fresh.features[7].kernel[...], model.features[7].kernel[...])
 
@@ -100,7 +99,7 @@ def test_backbone_from_safetensors_and_missing_heads_error(files, tmp_path):
   vgg, heads, _, heads_path = files
   safetensors_torch = pytest.importorskip("safetensors.torch")
   safetensors_torch.save_file(dict(vgg), str(tmp_path / "vgg16.safetensors"))
-  params = lpips_convert.read_lpips(str(tmp_path / "vgg16.safetensors"), heads_path)
+  params = dict(lpips_convert.read_lpips(str(tmp_path / "vgg16.safetensors"), heads_path))
   np.testing.assert_array_equal(params[("features", 12, "kernel")],
                                 vgg["features.28.weight"].numpy().transpose(2, 3, 1, 0))
   torch.save({k: v for k, v in heads.items() if not k.startswith("lin4")}, tmp_path / "h.pth")

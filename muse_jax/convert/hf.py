@@ -17,9 +17,11 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muse_jax import weights
 from muse_jax.convert import checkpoint, tensor_io
 from muse_jax.convert.siglip import load_siglip_vision  # noqa: F401  (stable entry point)
 from muse_jax.models import muse_vl, qwen2
@@ -121,41 +123,50 @@ def qwen2_tensor_name(path: tuple) -> tuple[str, tensor_io.Layout]:
   return f"{base}.{leaf}", tensor_io.SAME
 
 
-def _read_qwen2(hf_dir: str, dtype: Any, place=lambda a: a):
+def _read_qwen2(hf_dir: str, dtype: Any):
+  """(HF config dict, our config, iterator of (path, array) in our layout)."""
   hf = _read_json(os.path.join(hf_dir, "config.json"))
   if hf is None:
     raise FileNotFoundError(f"{hf_dir} has no config.json")
   config = config_from_hf(hf, dtype)
   shapes = checkpoint.param_shapes(checkpoint.abstract_model(config))
-  params = tensor_io.read_params(tensor_io.open_tensors(hf_dir), shapes, qwen2_tensor_name, place)
-  return hf, config, params
+  return hf, config, tensor_io.iter_params(tensor_io.open_tensors(hf_dir), shapes,
+                                           qwen2_tensor_name)
 
 
 def load_qwen2(hf_dir: str, dtype: Any = jnp.float32) -> qwen2.Qwen2ForCausalLM:
-  """A ready ``Qwen2ForCausalLM`` from a HF Qwen2 / Llama directory (computes in ``dtype``)."""
-  _, config, params = _read_qwen2(hf_dir, dtype, place=jnp.asarray)
-  return checkpoint.model_from_params(config, params)
+  """A ready ``Qwen2ForCausalLM`` from a HF Qwen2 / Llama directory (computes in ``dtype``),
+  every tensor on the default device. For a model that needs a mesh, convert it
+  (``hf_to_checkpoint``) and ``checkpoint.load(dir, mesh=mesh)``."""
+  _, config, params = _read_qwen2(hf_dir, dtype)
+  return checkpoint.model_from_params(config, {path: jnp.asarray(a) for path, a in params})
+
+
+# the vocabulary axis of each table the MUSE-VL extension grows
+_VOCAB_TABLES = {("model", "embed_tokens", "embedding"): 0, ("lm_head", "kernel"): 1}
 
 
 def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32",
                      num_visual: int | None = None, seed: int = 0,
                      new_rows_scale: float = 1.0) -> qwen2.Qwen2Config:
-  """Converts a HF decoder to our checkpoint; ``num_visual`` extends it for MUSE-VL."""
-  # jax arrays, not numpy: Orbax writes their buffers as they are, while numpy
-  # leaves would be copied once more before writing
-  hf, config, params = _read_qwen2(hf_dir, dtype, place=jnp.asarray)
+  """Converts a HF decoder to our weights, one tensor at a time; ``num_visual``
+  extends the vocabulary for MUSE-VL."""
+  hf, config, params = _read_qwen2(hf_dir, dtype)
   layout = None
   if num_visual is not None:
     layout = muse_vl.VocabLayout(config.vocab_size, num_visual)
-    rng = np.random.default_rng(seed)
-    embed_path = ("model", "embed_tokens", "embedding")
-    params[embed_path] = jnp.asarray(muse_vl.extend_vocab(
-        np.asarray(params[embed_path]), layout.vocab_size, rng, scale=new_rows_scale))
-    if not config.tie_word_embeddings:
-      head_path = ("lm_head", "kernel")
-      params[head_path] = jnp.asarray(muse_vl.extend_vocab(
-          np.asarray(params[head_path]), layout.vocab_size, rng, axis=1, scale=new_rows_scale))
     config = dataclasses.replace(config, vocab_size=layout.vocab_size)
+
+    def extended(params):
+      for path, array in params:
+        if path in _VOCAB_TABLES:
+          axis = _VOCAB_TABLES[path]
+          # one generator per table: the new rows do not depend on the order of tensors
+          array = muse_vl.extend_vocab(array, layout.vocab_size,
+                                       np.random.default_rng((seed, axis)), axis=axis,
+                                       scale=new_rows_scale)
+        yield path, array
+    params = extended(params)
   checkpoint.save(out_dir, config, params, vocab_layout=layout, hf_config=hf,
                   hf_generation_config=_read_json(os.path.join(hf_dir, "generation_config.json")))
   return config
@@ -191,27 +202,32 @@ def export_tokenizer(tokenizer_dir: str, out_dir: str,
 def checkpoint_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None,
                      tokenizer_dir: str | None = None,
                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  """Writes config.json + safetensors (+ tokenizer) that transformers loads; returns shard names."""
+  """Writes config.json + safetensors (+ tokenizer) that transformers loads, streaming
+  one tensor at a time from our weights; returns the shard names."""
+  metadata = checkpoint.read_metadata(ckpt_dir)
   config = checkpoint.read_config(ckpt_dir)
   dtype = _dtype_name(dtype or config.param_dtype)
   np_dtype = np.dtype(jnp.dtype(dtype))
   shapes = checkpoint.param_shapes(checkpoint.abstract_model(config))
+  stored = {weights.tensor_name(path): jax.ShapeDtypeStruct(shape, source_dtype)
+            for path, (shape, source_dtype) in shapes.items()}
+  weights.check(weights.read_index(ckpt_dir), stored)
 
-  def produce(path, shape, source_dtype, layout):
+  def produce(path, layout):
     return lambda: layout.to_theirs(
-        checkpoint.read_param(ckpt_dir, path, shape, source_dtype)).astype(np_dtype, copy=False)
+        weights.read(ckpt_dir, weights.tensor_name(path))).astype(np_dtype, copy=False)
 
   specs = []
-  for path, (shape, source_dtype) in shapes.items():
+  for path, (shape, _) in shapes.items():
     name, layout = qwen2_tensor_name(path)
     specs.append(tensor_io.TensorSpec(name, layout.their_shape(shape), np_dtype,
-                                      produce(path, shape, source_dtype, layout)))
+                                      produce(path, layout)))
   os.makedirs(out_dir, exist_ok=True)
   shards = tensor_io.write_safetensors(out_dir, specs, max_shard_bytes=max_shard_bytes)
-  hf = config_to_hf(config, dtype, checkpoint.read_json(ckpt_dir, checkpoint.HF_CONFIG))
+  hf = config_to_hf(config, dtype, metadata.get("hf_config"))
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
-  generation = checkpoint.read_json(ckpt_dir, checkpoint.HF_GENERATION_CONFIG)
+  generation = metadata.get("hf_generation_config")
   if generation is not None:
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(generation, f, indent=2, sort_keys=True)

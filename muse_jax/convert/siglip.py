@@ -5,12 +5,14 @@ Accepts ``SiglipVisionModel`` directories and full ``SiglipModel`` ones (only th
 versions (``vision_model.`` or none for a saved SiglipVisionModel); both are
 recognised. The attention-pooling head is not part of the tower and is skipped.
 
-The output checkpoint is what the SDE trainer's ``config.siglip_checkpoint``
-reads into both the image encoder and the frozen semantic encoder.
+The output (``muse_jax.weights``, the tower's parameter paths) is what the SDE
+trainer's ``config.siglip_checkpoint`` reads into both the image encoder and the
+frozen semantic encoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -19,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from muse_jax import weights
 from muse_jax.convert import checkpoint, tensor_io
 from muse_jax.models import siglip
 
 SUPPORTED_ARCHITECTURES = ("SiglipVisionModel", "SiglipModel")
 _PROBE = "embeddings.patch_embedding.weight"
+KIND = "siglip_vision_tower"
 
 
 def config_from_hf(hf: dict, dtype: Any = "float32") -> siglip.SiglipConfig:
@@ -70,9 +74,8 @@ def _abstract_tower(config: siglip.SiglipConfig) -> siglip.SiglipVisionTower:
   return nnx.eval_shape(lambda: siglip.SiglipVisionTower(config, rngs=nnx.Rngs(0)))
 
 
-def read_siglip_vision(hf_dir: str, dtype: Any = "float32",
-                       place=lambda a: a) -> tuple[siglip.SiglipConfig, dict]:
-  """(config, {param path: array}) of the vision tower in ``hf_dir``."""
+def _read_siglip_vision(hf_dir: str, dtype: Any):
+  """(config, iterator of (param path, array)) of the vision tower in ``hf_dir``."""
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{hf_dir} has no config.json")
@@ -81,19 +84,21 @@ def read_siglip_vision(hf_dir: str, dtype: Any = "float32",
   reader = tensor_io.open_tensors(hf_dir)
   prefix = "vision_model." if f"vision_model.{_PROBE}" in reader else ""
   targets = checkpoint.param_shapes(_abstract_tower(config))
-  return config, tensor_io.read_params(reader, targets, tensor_name_map(prefix), place)
+  return config, tensor_io.iter_params(reader, targets, tensor_name_map(prefix))
 
 
 def load_siglip_vision(hf_dir: str, dtype: Any = jnp.float32) -> siglip.SiglipVisionTower:
   """A ready tower: NHWC pixels in [-1, 1] -> HF ``last_hidden_state`` [B, N, C]."""
-  config, flat = read_siglip_vision(hf_dir, dtype, place=jnp.asarray)
-  return checkpoint.with_params(_abstract_tower(config), flat)
+  config, params = _read_siglip_vision(hf_dir, dtype)
+  return checkpoint.with_params(_abstract_tower(config),
+                                {path: jnp.asarray(a) for path, a in params})
 
 
 def hf_to_checkpoint(hf_dir: str, out_dir: str, dtype: Any = "float32") -> siglip.SiglipConfig:
-  """Writes the tower's ``nnx.state(tower, nnx.Param)`` for ``config.siglip_checkpoint``."""
-  from muse_jax.train import checkpoint as train_checkpoint
-  config, flat = read_siglip_vision(hf_dir, dtype)
-  tower = checkpoint.with_params(_abstract_tower(config), flat)
-  train_checkpoint.save_params(out_dir, nnx.state(tower, nnx.Param))
+  """Writes the tower's parameters (``muse_jax.weights``, one tensor at a time) for
+  ``config.siglip_checkpoint``."""
+  config, params = _read_siglip_vision(hf_dir, dtype)
+  with weights.Writer(out_dir, {"kind": KIND, "config": dataclasses.asdict(config)}) as writer:
+    for path, array in params:
+      writer.write(weights.tensor_name(path), array)
   return config

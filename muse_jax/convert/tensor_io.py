@@ -10,8 +10,8 @@ only accepts the handful of globals a state dict needs.
 ``write_safetensors`` writes tensors one at a time from producer callables, so
 an export never holds more than the tensor being written next to the source.
 
-``read_params`` fills a model's parameter tree from a reader through a name map,
-checking every shape and naming the tensor on any mismatch.
+``iter_params`` reads a model's parameters from a reader through a name map, one
+tensor at a time, checking every shape and naming the tensor on any mismatch.
 """
 
 from __future__ import annotations
@@ -357,14 +357,13 @@ ParamPath = tuple
 NameMap = Callable[[ParamPath], tuple[str, Layout]]
 
 
-def read_params(reader: TensorReader, targets: Mapping[ParamPath, tuple[tuple[int, ...], np.dtype]],
-                name_map: NameMap,
-                place: Callable[[np.ndarray], object] = lambda a: a) -> dict[ParamPath, object]:
-  """Reads every target parameter through ``name_map``; returns {path: placed array}.
+def iter_params(reader: TensorReader,
+                targets: Mapping[ParamPath, tuple[tuple[int, ...], np.dtype]],
+                name_map: NameMap) -> Iterator[tuple[ParamPath, np.ndarray]]:
+  """Yields (path, array in our layout and dtype) for every target, one tensor at a time.
 
-  All names and shapes are checked before any data is read, so a wrong checkpoint
-  fails at once. ``place`` receives each converted array (e.g. puts it on a
-  device) so that the host copy can be dropped before the next tensor is read.
+  All names and shapes are checked here, before any data is read, so a wrong
+  checkpoint fails at once (not at the first ``next``).
   """
   missing = []
   for path, (shape, _) in targets.items():
@@ -379,8 +378,9 @@ def read_params(reader: TensorReader, targets: Mapping[ParamPath, tuple[tuple[in
   if missing:
     raise KeyError(f"{reader.source} lacks {len(missing)} tensor(s) the model needs: "
                    f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
-  params = {}
-  for path, (_, dtype) in targets.items():
-    name, layout = name_map(path)
-    params[path] = place(layout.to_ours(reader.read(name)).astype(dtype, copy=False))
-  return params
+
+  def read_each():
+    for path, (_, dtype) in targets.items():
+      name, layout = name_map(path)
+      yield path, layout.to_ours(reader.read(name)).astype(dtype, copy=False)
+  return read_each()

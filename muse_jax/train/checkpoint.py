@@ -95,19 +95,3 @@ def save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-
-
-def save_params(path: str, params: Any) -> None:
-  """Writes a parameter pytree (e.g. converted weights) as one Orbax checkpoint."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), params, force=True)
-
-
-def load_params(path: str, abstract_params: Any) -> Any:
-  """Reads a ``save_params`` checkpoint into the structure of ``abstract_params``."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no parameter checkpoint at {path}")
-  with ocp.StandardCheckpointer() as ckptr:
-    check_shapes(abstract_params, ckptr.metadata(path).item_metadata, path)
-    return ckptr.restore(path, abstract_params)

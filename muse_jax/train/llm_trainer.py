@@ -12,6 +12,11 @@ A batch is a dict of [B, T] arrays (``batch_spec``):
   weights      float32 loss weight per position (0 = no loss: prompt, padding,
                the last token of a segment)
 
+``load_pretrained(setup, state, config)`` replaces the random parameters of a
+fresh state by converted weights (``config.init_from``, written by ``python -m
+muse_jax.convert llm-from-hf --muse_vl``), read straight into the state's
+shardings; a loop calls it after ``init()`` when it is not resuming.
+
 The data pipeline of the VLM stages (captions / instructions with SDE codes)
 produces these; until it lands this module has no loop of its own, and the step
 is exercised by tests, benchmarks and ``python -m muse_jax.compile``.
@@ -31,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from muse_jax import config_lib
+from muse_jax import weights
 from muse_jax.models import qwen2
 from muse_jax.parallel import sharding
 from muse_jax.train import lm_loss
@@ -57,6 +63,36 @@ def next_token_targets(ids: np.ndarray, segment_ids: np.ndarray,
   weights = np.zeros(ids.shape, np.float32)
   weights[:, :-1] = same[:, :-1] & mask[:, 1:]
   return {"ids": ids, "segment_ids": segment_ids, "targets": targets, "weights": weights}
+
+
+EMBEDDING = "model/embed_tokens/embedding"
+
+
+def load_pretrained(setup: Setup, state: dict[str, Any],
+                    config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``state`` with its parameters read from ``config.init_from`` (unchanged when empty).
+
+  The random parameters are freed first, so the device peak is that of training.
+  AdamW's moments start at zero either way and are kept. Weights stored in another
+  float dtype (e.g. bfloat16) are cast to the run's ``model.param_dtype``.
+  """
+  if not config.init_from:
+    return state
+  index = weights.read_index(config.init_from)
+  rows = setup.model_config.vocab_size
+  stored = index.tensors.get(EMBEDDING)
+  if stored is not None and stored.shape[0] != rows:
+    layout = config_lib.vocab_layout(config)
+    raise config_lib.ConfigError(
+        f"config.init_from: tensor {EMBEDDING} of {config.init_from} has {stored.shape[0]} rows "
+        f"but this run's MUSE-VL vocabulary has {rows} ({layout.text_size} text ids + "
+        f"{layout.num_visual} visual ids + <soi>, <eoi>, padded to a multiple of "
+        f"{layout.pad_multiple}); convert the base model with `python -m muse_jax.convert "
+        f"llm-from-hf --muse_vl --num_visual={layout.num_visual}` (and model.vocab_size = the "
+        "base model's vocabulary)")
+  jax.tree.map(lambda x: x.delete(), state["params"])
+  params = weights.load_pretrained(config.init_from, setup.abstract_state["params"], cast=True)
+  return dict(state, params=params)
 
 
 @dataclasses.dataclass
