@@ -8,8 +8,9 @@ directory:
                         "metadata": {...}}  (what the writer wants to keep: the
                         model config, the MUSE-VL vocabulary layout, the source
                         Hugging Face config, ...)
-  DIR/tensors/<name>/   one zarr (v2) array per tensor, uncompressed, chunked into
-                        pieces of at most ``CHUNK_BYTES``
+  DIR/tensors/<name>/   one zarr v3 array per tensor: a single uncompressed file
+                        ("shard" in zarr's terms) whose index locates chunks of
+                        at most ``CHUNK_BYTES``
 
 A tensor's name is its parameter path joined by "/" (``model/layers/3/mlp/
 up_proj/kernel``), the same path ``load_pretrained`` derives from the pytree it
@@ -49,7 +50,10 @@ from muse_jax.train import checkpoint as checkpoint_lib
 INDEX = "weights.json"
 TENSORS = "tensors"
 FORMAT = "muse_jax.weights/1"
-CHUNK_BYTES = 16 * 2**20     # a slice read never pulls in more than this beyond itself
+# Reading a device's slice reads (by byte range) only the chunks it overlaps, and
+# each chunk whole: small chunks keep both the host memory beyond the slice and the
+# bytes read for it small, whichever axis the run shards.
+CHUNK_BYTES = 2**20
 
 
 class WeightsMismatchError(ValueError):
@@ -87,11 +91,13 @@ def _kvstore(path: epath.Path) -> dict[str, Any]:
 
 
 def _array_spec(root: epath.Path, name: str) -> dict[str, Any]:
-  return {"driver": "zarr", "kvstore": _kvstore(root / TENSORS / name)}
+  return {"driver": "zarr3", "kvstore": _kvstore(root / TENSORS / name)}
 
 
-def chunk_shape(shape: tuple[int, ...], itemsize: int, limit: int = CHUNK_BYTES) -> list[int]:
-  """Halves the largest dimension until a chunk holds at most ``limit`` bytes."""
+def chunk_shape(shape: tuple[int, ...], itemsize: int, limit: int | None = None) -> list[int]:
+  """Halves the largest dimension until a chunk holds at most ``limit`` bytes
+  (default ``CHUNK_BYTES``)."""
+  limit = CHUNK_BYTES if limit is None else limit
   chunk = [max(1, n) for n in shape]
   while math.prod(chunk) * itemsize > limit and max(chunk) > 1:
     i = int(np.argmax(chunk))
@@ -123,8 +129,8 @@ class Writer:
     store = ts.open(_array_spec(self.root, name), create=True, delete_existing=True,
                     dtype=ts.dtype(array.dtype.name), shape=array.shape,
                     chunk_layout=ts.ChunkLayout(
-                        chunk_shape=chunk_shape(array.shape, array.dtype.itemsize)),
-                    codec=ts.CodecSpec({"driver": "zarr", "compressor": None})).result()
+                        read_chunk_shape=chunk_shape(array.shape, array.dtype.itemsize),
+                        write_chunk_shape=[max(1, n) for n in array.shape])).result()
     store.write(array).result()
     self.tensors[name] = TensorInfo(tuple(array.shape), array.dtype)
 
@@ -142,7 +148,7 @@ class Writer:
       self.close()
 
 
-def _leaves(tree: Any) -> list[tuple[str, Any]]:
+def named_leaves(tree: Any) -> list[tuple[str, Any]]:
   """(tensor name, leaf) of a pytree whose leaves are arrays / shape structs / nnx Variables."""
   flat = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
@@ -152,7 +158,7 @@ def _leaves(tree: Any) -> list[tuple[str, Any]]:
 def save(path: str | epath.PathLike, tree: Any, metadata: dict[str, Any] | None = None) -> None:
   """Writes every leaf of ``tree`` (e.g. ``nnx.state(module, nnx.Param)``), one at a time."""
   with Writer(path, metadata) as writer:
-    for name, leaf in _leaves(tree):
+    for name, leaf in named_leaves(tree):
       writer.write(name, leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
 
 
@@ -238,7 +244,7 @@ def load_pretrained(path: str | epath.PathLike, abstract: Any, *, cast: bool = F
   bfloat16 weights into float32 master parameters) instead of refusing.
   """
   index = read_index(path)
-  leaves = _leaves(abstract)
+  leaves = named_leaves(abstract)
   targets = {name: (leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf)
              for name, leaf in leaves}
   check(index, targets, cast=cast)
