@@ -25,9 +25,9 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m muse_jax.convert", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("llm-from-hf", help="HF Qwen2 / Qwen2.5 / Llama (Yi-1.5) -> our checkpoint")
+  p = sub.add_parser("llm-from-hf", help="HF Qwen2 / Qwen2.5 / Llama (Yi-1.5) -> our weights")
   p.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
-  p.add_argument("--out", required=True, help="new checkpoint directory")
+  p.add_argument("--out", required=True, help="new weights directory (local or gs://)")
   p.add_argument("--dtype", default="float32", help="parameter dtype (float32, bfloat16)")
   p.add_argument("--muse_vl", action="store_true",
                  help="extend embedding and LM head with the MUSE-VL visual ids, <soi>, <eoi>")
@@ -36,10 +36,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--new_rows_scale", type=float, default=1.0,
                  help="spread of new rows relative to the existing rows' covariance")
 
-  p = sub.add_parser("llm-to-hf", help="our checkpoint -> HF directory (transformers loads it)")
-  p.add_argument("--ckpt", required=True, help="our checkpoint directory")
+  p = sub.add_parser("llm-to-hf", help="our weights -> HF directory (transformers loads it)")
+  p.add_argument("--ckpt", required=True, help="our decoder weights directory")
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--dtype", default=None, help="safetensors dtype (default: the checkpoint's)")
+  p.add_argument("--dtype", default=None, help="safetensors dtype (default: the stored one)")
   p.add_argument("--tokenizer", default=None,
                  help="HF tokenizer directory to copy, with the MUSE-VL tokens added")
   p.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
