@@ -3,10 +3,10 @@
 Builds a random Qwen2 of a few hundred MB with transformers, then runs each
 conversion in a fresh subprocess and reads its peak RSS (the CLI prints
 ``peak_rss_mb`` from ``resource.getrusage``). The same commands on a tiny model
-give the baseline of imports + runtime, which is subtracted. Import holds the
-weights once (last field: extra RSS / weight size, ~1 = one copy); export holds a
-few copies of the largest tensor only; MUSE-VL extension additionally holds an old
-and a new embedding table at once.
+give the baseline of imports + runtime, which is subtracted. Import and export
+both stream one tensor at a time into / out of ``muse_jax.weights`` (last field:
+import's extra RSS / largest tensor, a few = independent of the model size);
+MUSE-VL extension holds an old and a new embedding table at once.
 
   python benchmarks/bench_convert_memory.py
 """
@@ -62,9 +62,11 @@ def main() -> None:
       "largest_tensor_mb": round(big["largest_tensor_mb"], 1),
       "baseline_rss_mb": tiny["llm-from-hf"],
       **{f"{step}: extra_rss_mb": value for step, value in extra.items()},
+      "llm-from-hf: extra_over_weights": round(extra["llm-from-hf"] / big["weights_mb"], 2),
       "llm-to-hf: extra_over_largest_tensor":
           round(extra["llm-to-hf"] / big["largest_tensor_mb"], 2),
-      "llm-from-hf: extra_over_weights": round(extra["llm-from-hf"] / big["weights_mb"], 2)}))
+      "llm-from-hf: extra_over_largest_tensor":
+          round(extra["llm-from-hf"] / big["largest_tensor_mb"], 2)}))
 
 
 if __name__ == "__main__":

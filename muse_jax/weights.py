@@ -126,7 +126,10 @@ class Writer:
     if name in self.tensors:
       raise ValueError(f"tensor {name} written twice to {self.root}")
     array = np.asarray(array)
-    store = ts.open(_array_spec(self.root, name), create=True, delete_existing=True,
+    leftover = self.root / TENSORS / name
+    if leftover.exists():           # from a conversion into this directory that did not finish
+      leftover.rmtree()
+    store = ts.open(_array_spec(self.root, name), create=True,
                     dtype=ts.dtype(array.dtype.name), shape=array.shape,
                     chunk_layout=ts.ChunkLayout(
                         read_chunk_shape=chunk_shape(array.shape, array.dtype.itemsize),

@@ -60,3 +60,23 @@ def mesh_run_parser() -> argparse.ArgumentParser:
 @pytest.fixture
 def config_loader():
   return load_config
+
+
+@pytest.fixture
+def gcs_emulator(monkeypatch):
+  """A GCS emulator in this process (memory only) with bucket ``muse-test``; the env
+  points gcsfs (etils.epath) and tensorstore at it. Returns that env."""
+  server_lib = pytest.importorskip("gcp_storage_emulator.server")
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  server = server_lib.create_server("localhost", port, in_memory=True, default_bucket="muse-test")
+  server.start()
+  url = f"http://localhost:{port}"
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  yield env
+  server.stop()

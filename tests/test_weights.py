@@ -112,6 +112,26 @@ def test_mismatches_name_the_tensor(tmp_path):
   np.testing.assert_array_equal(np.asarray(cast["half"]), tree["half"].astype(np.float32))
 
 
+def test_weights_in_a_gcs_bucket(gcs_emulator, tmp_path):
+  """Conversion writes to gs://, export and the sharded loader read from it."""
+  config = qwen2.Qwen2Config(vocab_size=96, hidden_size=32, num_layers=1, num_heads=4,
+                             num_kv_heads=2, mlp_dim=48)
+  write_hf_qwen2(tmp_path / "hf", config)
+  url = "gs://muse-test/converted/tiny"
+  hf.hf_to_checkpoint(str(tmp_path / "hf"), url)
+  assert checkpoint.read_config(url).vocab_size == 96
+  ours = checkpoint.load(url)
+  reference = hf.load_qwen2(str(tmp_path / "hf"))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 5)), jnp.int32)
+  np.testing.assert_array_equal(ours(ids), reference(ids))
+  hf.checkpoint_to_hf(url, str(tmp_path / "export"))
+  assert not os.path.exists("gs:") and not os.path.exists(tmp_path / "gs:")
+  reader = tensor_io.open_tensors(str(tmp_path / "export"))
+  np.testing.assert_array_equal(reader.read("model.embed_tokens.weight"),
+                                tensor_io.open_tensors(str(tmp_path / "hf")).read(
+                                    "model.embed_tokens.weight"))
+
+
 def test_sharded_decoder_load_on_one_device_mesh_matches_hf_parity_path(tmp_path):
   config = qwen2.Qwen2Config(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
                              num_kv_heads=2, mlp_dim=48, tie_word_embeddings=False)
