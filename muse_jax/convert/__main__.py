@@ -12,6 +12,20 @@ import json
 import resource
 import sys
 
+from etils import epath
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident memory. Linux's VmHWM belongs to the process image,
+  while getrusage's ru_maxrss keeps the parent's peak across fork + exec, so a
+  conversion started by a large process would report that process's memory."""
+  status = epath.Path("/proc/self/status")
+  if status.exists():
+    for line in status.read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return round(int(line.split()[1]) / 1024, 1)
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
 
 def _size(text: str) -> int:
   units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     from muse_jax.convert import lpips
     lpips.torch_to_checkpoint(args.vgg, args.heads, args.out)
     result = {"wrote": args.out}
-  result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  result["peak_rss_mb"] = peak_rss_mb()
   print(json.dumps(result))
   return result
 

@@ -6,7 +6,8 @@
 Writes a JSON object: ``devices``; ``device_bytes`` (bytes each device holds
 after loading); ``total_bytes`` and ``largest_tensor_bytes`` of the weights;
 ``rss_before`` and ``peak_rss`` (host resident memory just before loading and the
-highest seen while loading, sampled every millisecond and from getrusage);
+highest seen while loading: sampled every millisecond, and exact from VmHWM when
+the process's peak was reached while loading);
 ``mismatched`` (tensors whose loaded values differ from the stored ones, checked
 one tensor at a time after the measurement).
 
@@ -24,7 +25,6 @@ memory that is free but not returned to the system (~70 MB more here).
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import threading
@@ -36,6 +36,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from muse_jax import weights  # noqa: E402
 from muse_jax.convert import checkpoint  # noqa: E402
+from muse_jax.convert.__main__ import peak_rss_mb  # noqa: E402
 from muse_jax.parallel import sharding  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -85,15 +86,15 @@ def main() -> None:
     jax.block_until_ready(weights.load_pretrained(
         f"{warm}/w", {"x": jax.ShapeDtypeStruct((64, 64), np.float32, sharding=spec)}))
 
-  max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  max_before = peak_rss_mb()
   before = rss()
   sampler = PeakSampler()
   params = weights.load_pretrained(args.weights, abstract)
   jax.block_until_ready(params)
   peak = sampler.stop()
-  max_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  if max_after > max_before:     # the lifetime peak was reached while loading: exact
-    peak = max(peak, max_after)
+  max_after = peak_rss_mb()
+  if max_after > max_before:     # the process's peak was reached while loading: exact
+    peak = max(peak, int(max_after * 2**20))
 
   device_bytes = {d.id: 0 for d in mesh.devices.flat}
   for leaf in jax.tree.leaves(params):
