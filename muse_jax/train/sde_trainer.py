@@ -89,14 +89,15 @@ class Models:
 def load_pretrained(run: Setup, state: dict[str, Any], lpips_params: Any) -> Any:
   """Converted SigLIP weights into both encoders (in place in ``state``); returns the
   LPIPS parameters, converted ones when ``config.lpips_checkpoint`` is set. Weights
-  are read straight into the run's shardings (``weights.load_pretrained``)."""
+  are read straight into the run's shardings (``weights.load_pretrained``), cast to
+  ``model.param_dtype`` if converted in another dtype."""
   models = run.models
   config = models.config
   if config.siglip_checkpoint:
     for group, tower in (("params", "image_encoder"), ("frozen", "semantic_encoder")):
       if tower in state[group]:
-        state[group][tower] = weights.load_pretrained(config.siglip_checkpoint,
-                                                      run.abstract_state[group][tower])
+        state[group][tower] = weights.load_pretrained(
+            config.siglip_checkpoint, run.abstract_state[group][tower], cast=True)
     logging.info("initialised image and semantic encoders from %s", config.siglip_checkpoint)
   elif models.model_cfg.has_semantic_branch:
     logging.warning("config.siglip_checkpoint is empty: the frozen semantic encoder keeps its "
@@ -106,7 +107,7 @@ def load_pretrained(run: Setup, state: dict[str, Any], lpips_params: Any) -> Any
     return None
   if config.lpips_checkpoint:
     logging.info("LPIPS weights from %s", config.lpips_checkpoint)
-    return weights.load_pretrained(config.lpips_checkpoint, run.abstract_lpips)
+    return weights.load_pretrained(config.lpips_checkpoint, run.abstract_lpips, cast=True)
   logging.warning("config.lpips_checkpoint is empty: LPIPS uses RANDOM VGG16 weights, so the "
                   "perceptual loss is not the published LPIPS (convert the public weights "
                   "with `python -m muse_jax.convert lpips`)")

@@ -3,6 +3,10 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice/load_pretrained.py \
       --weights=/tmp/converted --out=/tmp/load.json
 
+``--whole_first`` measures the path this replaces instead: the decoder is built
+on one device (``checkpoint.load`` without a mesh, as ``hf.load_qwen2`` does), then
+``jax.device_put`` onto the same shardings.
+
 Writes a JSON object: ``devices``; ``device_bytes`` (bytes each device holds
 after loading); ``total_bytes`` and ``largest_tensor_bytes`` of the weights;
 ``rss_before`` and ``peak_rss`` (host resident memory just before loading and the
@@ -70,6 +74,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--weights", required=True)
   parser.add_argument("--fsdp", type=int, default=8)
+  parser.add_argument("--whole_first", action="store_true")
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
 
@@ -89,8 +94,14 @@ def main() -> None:
   max_before = peak_rss_mb()
   before = rss()
   sampler = PeakSampler()
-  params = weights.load_pretrained(args.weights, abstract)
-  jax.block_until_ready(params)
+  if args.whole_first:
+    whole = nnx.state(checkpoint.load(args.weights), nnx.Param)
+    params = jax.device_put(whole, sharding.shardings(abstract, mesh))
+    jax.block_until_ready(params)
+    del whole
+  else:
+    params = weights.load_pretrained(args.weights, abstract)
+    jax.block_until_ready(params)
   peak = sampler.stop()
   max_after = peak_rss_mb()
   if max_after > max_before:     # the process's peak was reached while loading: exact
