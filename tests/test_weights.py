@@ -200,6 +200,16 @@ def test_reconstruct_reads_only_the_tokenizer_of_a_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
                                   err_msg=name)
 
+  # a config that builds another tokenizer: the error names the tensor, before reading
+  changed = json.loads((workdir / "config.json").read_text())
+  changed["model"]["codebook_size"] = 128
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "config.json").write_text(json.dumps(changed))
+  (tmp_path / "other" / "checkpoints").symlink_to(workdir / "checkpoints")
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"params\.quantizer\.\S+ has shape \(64, 8\) .* expects \(128, 8\)"):
+    reconstruct.load_tokenizer(str(tmp_path / "other"))
+
   # the CLI: an unreadable file is skipped and every PSNR is printed under its own name;
   # no optimiser module is imported on the way
   Image.fromarray(np.full((40, 48, 3), 120, np.uint8)).save(tmp_path / "grey.png")
