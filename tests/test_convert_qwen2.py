@@ -5,9 +5,10 @@ import os
 import shutil
 
 import pytest
+import references
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = references.require("torch")
+transformers = references.require("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -135,7 +136,7 @@ def test_roundtrip_hf_ours_hf_with_sharding_and_bfloat16(hf_models, tmp_path):
 
 def _tiny_tokenizer(folder):
   """A byte-level BPE Qwen2 tokenizer with 259 tokens (256 bytes, two merges, <|endoftext|>)."""
-  tokenizers = pytest.importorskip("tokenizers")
+  tokenizers = references.require("tokenizers")
   vocab = {c: i for i, c in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
   merges = [("\u0120", "w"), ("\u0120w", "o")]
   for a, b in merges:
