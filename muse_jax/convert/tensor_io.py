@@ -2,8 +2,9 @@
 
 ``TensorReader`` indexes safetensors files (single, sharded with
 ``*.index.json``, or a directory of them; a directory with two index files, or
-an index naming a tensor or shard that is not there, raises ``ShardIndexError``) and PyTorch pickles (``torch.save``
-zip files and the pre-1.6 legacy format) without torch: it records where each
+an index naming a tensor or shard that is not there, raises ``ShardIndexError``)
+and PyTorch pickles (``torch.save`` zip files and the pre-1.6 legacy format)
+without torch: it records where each
 tensor's bytes live and reads one tensor at a time with plain file reads (no
 mmap, so nothing stays resident after a tensor is converted). The unpickler
 only accepts the handful of globals a state dict needs.
