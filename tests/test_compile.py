@@ -74,3 +74,78 @@ def test_init_alone_and_unknown_programs():
   out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--programs=step")
   assert out.returncode != 0
   assert "error: --programs: ['step'] unknown; use some of ['init', 'train_step']" in out.stderr
+
+
+class _MemoryAnalysis:
+  """What ``compiled.memory_analysis()`` reports, with chosen sizes."""
+
+  def __init__(self, arguments, outputs, aliased, temporaries, code):
+    self.argument_size_in_bytes = arguments
+    self.output_size_in_bytes = outputs
+    self.alias_size_in_bytes = aliased
+    self.temp_size_in_bytes = temporaries
+    self.generated_code_size_in_bytes = code
+
+
+class _Compiled:
+  def __init__(self, **sizes):
+    self.analysis = _MemoryAnalysis(**sizes)
+
+  def memory_analysis(self):
+    return self.analysis
+
+
+HBM = 16 * compile_lib.GiB
+# peak = arguments + outputs - aliased + temporaries + code
+AT_LIMIT = dict(arguments=6 * compile_lib.GiB, outputs=6 * compile_lib.GiB,
+                aliased=5 * compile_lib.GiB, temporaries=8 * compile_lib.GiB,
+                code=compile_lib.GiB)
+
+
+def test_memory_report_fits_up_to_the_last_byte():
+  row = compile_lib.memory_report(_Compiled(**AT_LIMIT), HBM)
+  assert row["peak"] == HBM and row["fits"]
+  over = compile_lib.memory_report(_Compiled(**dict(AT_LIMIT, temporaries=AT_LIMIT[
+      "temporaries"] + 1)), HBM)
+  assert over["peak"] == HBM + 1 and not over["fits"]
+  # donated (aliased) outputs are not counted twice: without them it would not fit
+  no_alias = compile_lib.memory_report(_Compiled(**dict(AT_LIMIT, aliased=0)), HBM)
+  assert no_alias["peak"] == HBM + 5 * compile_lib.GiB and not no_alias["fits"]
+
+
+def _result(train_step_temporaries):
+  programs = {"init": compile_lib.memory_report(_Compiled(**dict(AT_LIMIT, temporaries=0)), HBM),
+              "train_step": compile_lib.memory_report(_Compiled(**dict(
+                  AT_LIMIT, temporaries=train_step_temporaries)), HBM)}
+  return {"topology": "v5e:2x2", "num_slices": 1, "devices": 4, "device_kind": "TPU v5 lite",
+          "hbm_bytes": HBM, "mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "programs": programs}
+
+
+@pytest.fixture
+def parsed_flags():
+  from absl import flags
+  flags.FLAGS(["compile", "--config=configs/muse_vl.py:demo", "--topology=v5e-4"])
+  yield
+  flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("temporaries, fits", [(AT_LIMIT["temporaries"], True),
+                                                (AT_LIMIT["temporaries"] + 1, False)],
+                         ids=["at_the_limit", "one_byte_over"])
+def test_planner_reports_the_decision_and_exits_1_when_a_program_does_not_fit(
+    monkeypatch, capsys, parsed_flags, temporaries, fits):
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(compile_lib, "compile_for_topology",
+                      lambda *args: _result(temporaries))
+  if fits:
+    compile_lib.main([])
+  else:
+    with pytest.raises(SystemExit) as exit_info:
+      compile_lib.main([])
+    assert exit_info.value.code == 1
+  out = capsys.readouterr().out
+  rows = dict(re.findall(r"^\s+(init|train_step)\s.*\s(yes|NO)$", out, re.M))
+  assert rows == {"init": "yes", "train_step": "yes" if fits else "NO"}, out
+  assert "HBM 16 GiB per chip" in out and "per device, GiB" in out
+  # the peak column: 16.00 GiB at the limit, just above it otherwise
+  assert re.search(r"^\s+train_step\s.*\s16\.00\s+(yes|NO)$", out, re.M), out

@@ -3,8 +3,9 @@
 import collections
 
 import pytest
+import references
 
-torch = pytest.importorskip("torch")
+torch = references.require("torch")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -97,7 +98,7 @@ def test_lpips_on_converted_weights_matches_torch_reference(files, tmp_path):
 
 def test_backbone_from_safetensors_and_missing_heads_error(files, tmp_path):
   vgg, heads, _, heads_path = files
-  safetensors_torch = pytest.importorskip("safetensors.torch")
+  safetensors_torch = references.require("safetensors.torch")
   safetensors_torch.save_file(dict(vgg), str(tmp_path / "vgg16.safetensors"))
   params = dict(lpips_convert.read_lpips(str(tmp_path / "vgg16.safetensors"), heads_path))
   np.testing.assert_array_equal(params[("features", 12, "kernel")],

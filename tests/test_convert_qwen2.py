@@ -5,9 +5,10 @@ import os
 import shutil
 
 import pytest
+import references
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = references.require("torch")
+transformers = references.require("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -26,8 +27,9 @@ CASES = {
 }
 
 
-def _build_hf(arch, folder, seed=0, **kw):
-  """A tiny random HF model with non-trivial norms / biases, saved with save_pretrained."""
+def _build_hf(arch, folder, seed=0, max_shard_size=None, **kw):
+  """A tiny random HF model with non-trivial norms / biases, saved with save_pretrained
+  (in several shards plus an index when ``max_shard_size`` is given)."""
   torch.manual_seed(seed)
   common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, rms_norm_eps=1e-6, max_position_embeddings=256,
@@ -42,7 +44,8 @@ def _build_hf(arch, folder, seed=0, **kw):
     for name, p in model.named_parameters():
       if name.endswith("bias") or "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
-  model.eval().save_pretrained(folder)
+  model.eval().save_pretrained(folder, **(
+      {"max_shard_size": max_shard_size} if max_shard_size else {}))
   return model
 
 
@@ -135,7 +138,7 @@ def test_roundtrip_hf_ours_hf_with_sharding_and_bfloat16(hf_models, tmp_path):
 
 def _tiny_tokenizer(folder):
   """A byte-level BPE Qwen2 tokenizer with 259 tokens (256 bytes, two merges, <|endoftext|>)."""
-  tokenizers = pytest.importorskip("tokenizers")
+  tokenizers = references.require("tokenizers")
   vocab = {c: i for i, c in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
   merges = [("\u0120", "w"), ("\u0120w", "o")]
   for a, b in merges:
@@ -204,3 +207,60 @@ def test_errors_name_the_tensor_the_shapes_and_the_supported_architectures(hf_mo
       for n in keep])
   with pytest.raises(KeyError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"):
     hf.load_qwen2(str(broken))
+
+
+@pytest.fixture(scope="module")
+def sharded_by_transformers(tmp_path_factory):
+  """A Qwen2 saved by transformers itself in ~100 KB shards, with its index."""
+  folder = tmp_path_factory.mktemp("hf_sharded") / "qwen2"
+  model = _build_hf("qwen2", str(folder), seed=5, max_shard_size="100KB",
+                    num_key_value_heads=2, tie_word_embeddings=False)
+  return folder, model
+
+
+def test_multi_shard_checkpoint_written_by_transformers_loads(sharded_by_transformers):
+  folder, model = sharded_by_transformers
+  shards = sorted(p.name for p in folder.glob("*.safetensors"))
+  assert len(shards) >= 3 and (folder / "model.safetensors.index.json").exists(), shards
+  weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+  assert set(weight_map.values()) == set(shards)
+  ours = hf.load_qwen2(str(folder), dtype=jnp.float32)
+  ids = _ids((2, 11), seed=2)
+  _assert_close_to_scale(forward(ours, jnp.asarray(ids)), _torch_logits(model, ids))
+
+
+def _index_of(folder):
+  return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def test_index_that_points_to_a_missing_tensor_names_it(sharded_by_transformers, tmp_path):
+  folder, _ = sharded_by_transformers
+  broken = tmp_path / "broken"
+  shutil.copytree(folder, broken)
+  index = _index_of(folder)
+  name = "model.layers.1.mlp.up_proj.weight"
+  elsewhere = next(s for s in sorted(set(index["weight_map"].values()))
+                   if s != index["weight_map"][name])
+  index["weight_map"][name] = elsewhere            # the index says a shard has it; it has not
+  (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(tensor_io.ShardIndexError,
+                     match=rf"lists tensor '{name}' in {elsewhere}, which lacks it"):
+    hf.load_qwen2(str(broken))
+  index = _index_of(folder)
+  index["weight_map"]["model.extra.weight"] = "model-00009-of-00009.safetensors"
+  (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(tensor_io.ShardIndexError, match=r"puts tensor 'model\.extra\.weight' \(and "
+                                                      r"0 more\) in model-00009-of-00009"):
+    hf.load_qwen2(str(broken))
+
+
+def test_two_index_files_in_one_folder_name_both(sharded_by_transformers, tmp_path):
+  folder, _ = sharded_by_transformers
+  doubled = tmp_path / "doubled"
+  shutil.copytree(folder, doubled)
+  shutil.copy(doubled / "model.safetensors.index.json",
+              doubled / "consolidated.safetensors.index.json")
+  with pytest.raises(tensor_io.ShardIndexError,
+                     match=r"2 safetensors index files: consolidated\.safetensors\.index\.json, "
+                           r"model\.safetensors\.index\.json"):
+    hf.load_qwen2(str(doubled))

@@ -4,9 +4,10 @@ import json
 import shutil
 
 import pytest
+import references
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = references.require("torch")
+transformers = references.require("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

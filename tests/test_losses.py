@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
 from flax import nnx
 
 from muse_jax.models import lpips as lpips_lib
@@ -32,7 +33,7 @@ def test_hinge_losses_hand_computed():
 
 
 def test_psnr_and_ssim_match_reference():
-  metrics = pytest.importorskip("skimage.metrics")
+  metrics = references.require("skimage.metrics")
   rng = np.random.default_rng(0)
   x = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   y = np.clip(x + rng.normal(0, 0.1, x.shape), -1, 1).astype(np.float32)

@@ -35,6 +35,67 @@ def test_logical_rules():
   assert sharding.logical_to_mesh(("embed", "mlp"), (64, 64), _FakeMesh(8, 1, 1)) == P(None, None)
 
 
+# Every logical name and the mesh axes it must map to on a mesh where all axes are > 1,
+# written out independently of sharding.DEFAULT_RULES.
+EXPECTED_RULES = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp", "conv_out": "fsdp",
+    "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor",
+    "conv_in": None, "conv_h": None, "conv_w": None, "positions": None, "norm": None,
+    "codebook": None, "code_dim": None,
+    "seq": None, "act_embed": None, "spatial": None, "act_channels": None,
+}
+
+
+def test_rules_table_has_each_name_once():
+  names = [name for name, _ in sharding.DEFAULT_RULES]
+  assert len(names) == len(set(names))
+  assert set(names) == set(EXPECTED_RULES)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_RULES))
+def test_every_logical_rule(name):
+  mesh = _FakeMesh(2, 4, 2)
+  assert sharding.logical_to_mesh((name,), (16,), mesh) == P(EXPECTED_RULES[name])
+
+
+def _param_specs(module_fn, mesh):
+  """{param path: PartitionSpec} of every parameter of the module ``module_fn`` builds."""
+  from flax import nnx
+  state = nnx.state(nnx.eval_shape(module_fn), nnx.Param)
+  specs = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = leaf.get_metadata().get("out_sharding")
+    assert names and all(n is None or n in EXPECTED_RULES for n in names), (path, names)
+    specs[".".join(str(getattr(k, "key", k)) for k in path)] = sharding.logical_to_mesh(
+        names, leaf.shape, mesh)
+  return specs
+
+
+def test_model_parameters_follow_the_rules():
+  """Every parameter of the decoder and the tokenizer carries known logical names, and the
+  embedding, LM head, a KV projection, a conv kernel and the codebook land where they must."""
+  from flax import nnx
+  from conftest import tiny_sde_config
+  from muse_jax import config_lib
+  from muse_jax.models import qwen2, sde
+  mesh = _FakeMesh(2, 2, 2)
+  config = qwen2.Qwen2Config(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2,
+                             num_kv_heads=2, mlp_dim=32, tie_word_embeddings=False)
+  llm = _param_specs(lambda: qwen2.Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)), mesh)
+  assert llm["model.embed_tokens.embedding"] == P("tensor", "fsdp")      # [vocab, embed]
+  assert llm["lm_head.kernel"] == P("fsdp", "tensor")                    # [embed, vocab]
+  assert llm["model.layers.0.self_attn.k_proj.kernel"] == P("fsdp", "tensor")
+  assert llm["model.layers.0.self_attn.k_proj.bias"] == P("tensor")
+  cfg = config_lib.sde_model_config(tiny_sde_config(batch_size=2, total_steps=1, disc_start=0))
+  sde_specs = _param_specs(lambda: sde.SDETokenizer(cfg, rngs=nnx.Rngs(0)), mesh)
+  assert sde_specs["quantizer.codebook"] == P(None, None)
+  assert sde_specs["pixel_decoder.conv_out.kernel"] == P(None, None, None, None)  # 3 channels
+  conv = sde_specs["pixel_decoder.conv_in.kernel"]                       # [3, 3, z, ch]
+  assert conv == P(None, None, None, "fsdp")
+
+
 def test_mesh_shapes_and_errors():
   devices = jax.devices() * 8          # the shape logic only counts devices
   c = sharding.mesh_config(data=-1, fsdp=2, tensor=2)
@@ -109,6 +170,14 @@ def _assert_same_params(a, prefix_a, b, prefix_b, atol):
                                err_msg=name)
 
 
+def _assert_shard_shape(run, mesh, name, divisors):
+  """The first device holds ``shape // divisors`` of parameter ``name`` on ``mesh``."""
+  shape = tuple(int(d) for d in run[f"{mesh}/{name}_shape"])
+  assert all(d % k == 0 for d, k in zip(shape, divisors)), (name, shape, divisors)
+  expected = tuple(d // k for d, k in zip(shape, divisors))
+  assert tuple(run[f"{mesh}/{name}_shard_shape"]) == expected, name
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sde_steps_on_mesh_match_single_device(runs, mesh):
   """3 steps of generator + discriminator on each 8-device mesh against one device."""
@@ -126,6 +195,9 @@ def test_sde_steps_on_mesh_match_single_device(runs, mesh):
   # frozen weights follow the same rules unless config.replicate_frozen (set on 1,8,1)
   frozen = (32, 64) if mesh == "1,8,1" else (32 // fsdp, 64 // tensor)
   assert tuple(sharded[f"{mesh}/frozen_fc1_shard_shape"]) == frozen
+  # conv kernel [kh, kw, in, out]: conv_out over fsdp; the codebook stays whole
+  _assert_shard_shape(sharded, mesh, "conv", (1, 1, 1, fsdp))
+  _assert_shard_shape(sharded, mesh, "codebook", (1, 1))
 
 
 def test_sde_checkpoint_from_2x2x2_resumes_on_1x8x1(runs):
@@ -141,6 +213,11 @@ def test_llm_steps_on_mesh_match_single_device(runs, mesh):
   np.testing.assert_allclose(llm[f"{mesh}/loss"], llm["1,1,1/loss"], rtol=1e-5)
   # lr 1e-2: every step moves a parameter by ~1e-2; seen differences <= 2e-4
   _assert_same_params(llm, mesh, llm, "1,1,1", atol=5e-4)
+  # embedding [vocab, embed], LM head [embed, vocab], k_proj [embed, kv_heads x head_dim]
+  _, fsdp, tensor = (int(x) for x in mesh.split(","))
+  _assert_shard_shape(llm, mesh, "embedding", (tensor, fsdp))
+  _assert_shard_shape(llm, mesh, "lm_head", (fsdp, tensor))
+  _assert_shard_shape(llm, mesh, "k_proj", (fsdp, tensor))
 
 
 def test_fsdp8_holds_an_eighth_of_the_parameters_per_device(runs):

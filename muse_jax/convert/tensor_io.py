@@ -1,8 +1,10 @@
 """Streaming tensor files: the one reader / writer every converter uses.
 
 ``TensorReader`` indexes safetensors files (single, sharded with
-``*.index.json``, or a directory of them) and PyTorch pickles (``torch.save``
-zip files and the pre-1.6 legacy format) without torch: it records where each
+``*.index.json``, or a directory of them; a directory with two index files, or
+an index naming a tensor or shard that is not there, raises ``ShardIndexError``)
+and PyTorch pickles (``torch.save`` zip files and the pre-1.6 legacy format)
+without torch: it records where each
 tensor's bytes live and reads one tensor at a time with plain file reads (no
 mmap, so nothing stays resident after a tensor is converted). The unpickler
 only accepts the handful of globals a state dict needs.
@@ -57,6 +59,11 @@ class TensorLocation:
   strides: tuple[int, ...] | None = None   # in elements; None = C-contiguous
 
 
+class ShardIndexError(ValueError):
+  """A sharded safetensors folder whose ``*.safetensors.index.json`` does not match its
+  shards, or a folder with more than one index."""
+
+
 class TensorReader:
   """Named tensors from safetensors / torch files, read one at a time."""
 
@@ -107,6 +114,10 @@ def open_tensors(path: str | os.PathLike) -> TensorReader:
   path = os.fspath(path)
   if os.path.isdir(path):
     indexes = sorted(n for n in os.listdir(path) if n.endswith(".safetensors.index.json"))
+    if len(indexes) > 1:
+      raise ShardIndexError(f"{path} has {len(indexes)} safetensors index files: "
+                            f"{', '.join(indexes)}; keep the one that belongs to the model (or "
+                            "pass its path instead of the folder)")
     if indexes:
       return _open_safetensors_index(os.path.join(path, indexes[0]))
     files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
@@ -129,12 +140,19 @@ def _open_safetensors_index(index_path: str) -> TensorReader:
   folder = os.path.dirname(index_path)
   locations = {}
   for shard in sorted(set(weight_map.values())):
-    for name, loc in _safetensors_locations(os.path.join(folder, shard)).items():
+    shard_path = os.path.join(folder, shard)
+    if not os.path.exists(shard_path):
+      listed = sorted(n for n, s in weight_map.items() if s == shard)
+      raise ShardIndexError(f"{index_path} puts tensor {listed[0]!r} (and {len(listed) - 1} "
+                            f"more) in {shard}, which is not in {folder}")
+    for name, loc in _safetensors_locations(shard_path).items():
       if weight_map.get(name) == shard:
         locations[name] = loc
   missing = sorted(set(weight_map) - set(locations))
   if missing:
-    raise ValueError(f"{index_path} lists tensors its shards lack, e.g. {missing[:5]}")
+    raise ShardIndexError(
+        f"{index_path} lists tensor {missing[0]!r} in {weight_map[missing[0]]}, which lacks it"
+        + (f" ({len(missing)} such tensors: {missing[:5]})" if len(missing) > 1 else ""))
   return TensorReader(locations, index_path)
 
 

@@ -298,7 +298,16 @@ class DataPipeline:
 
 
 class EndlessShuffle(grain.MapDataset):
-  """The records repeated forever, in a new random order every epoch.
+  """This process's share of the records, repeated forever, in a new order every epoch.
+
+  Every epoch is a random permutation of all the records, the same on every
+  process (``seed`` must not depend on the process); process ``i`` of ``n``
+  takes positions ``i, i + n, i + 2n, ...`` of it, ``len(parent) // n`` of them.
+  So every process has the same epoch length, hence the same number of batches
+  per epoch, whatever the record count: with uneven shares one host would reach
+  the end of its epoch before the others. The ``len(parent) % n`` records left
+  over are a different random few every epoch, and no record is read twice in
+  an epoch.
 
   Used instead of grain's shuffle().repeat(): its index_shuffle costs about
   0.5 ms per element on datasets of a few dozen records (the demo, shard
@@ -306,9 +315,13 @@ class EndlessShuffle(grain.MapDataset):
   size, for 8 bytes of memory per record.
   """
 
-  def __init__(self, parent: grain.MapDataset, seed: int):
+  def __init__(self, parent: grain.MapDataset, seed: int, process_index: int = 0,
+               process_count: int = 1):
     super().__init__(parent)
     self._seed = seed
+    self._process_index = process_index
+    self._process_count = process_count
+    self.epoch_length = len(parent) // process_count
     self._permutations = {}
 
   def __len__(self) -> int:
@@ -327,18 +340,19 @@ class EndlessShuffle(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    epoch, position = divmod(index, len(self._parent))
-    return self._parent[int(self._permutation(epoch)[position])]
+    epoch, position = divmod(index, self.epoch_length)
+    record = self._permutation(epoch)[self._process_index
+                                      + position * self._process_count]
+    return self._parent[int(record)]
 
 
-def _host_slice(records: grain.MapDataset, process_index: int,
-                process_count: int, config) -> grain.MapDataset:
-  mine = records[process_index::process_count]
-  if not len(mine):  # pylint: disable=g-explicit-length-test
+def _host_records(records: grain.MapDataset, seed: int, process_index: int,
+                  process_count: int, config) -> EndlessShuffle:
+  if len(records) < process_count:
     raise DataConfigError(
         f'config.data.source={config.source!r} has {len(records)} training'
         f' records, too few for {process_count} processes; add data')
-  return mine
+  return EndlessShuffle(records, seed, process_index, process_count)
 
 
 def _read_options(config) -> grain.ReadOptions:
@@ -349,9 +363,11 @@ def _read_options(config) -> grain.ReadOptions:
 def _random_access_examples(records: grain.MapDataset, config, seed: int,
                             tag: int, process_index: int, process_count: int
                             ) -> grain.MapDataset:
-  """Disjoint host slice, reshuffled every epoch, decoded per example."""
-  records = _host_slice(records, process_index, process_count, config)
-  return (EndlessShuffle(records, derive_seed(seed, tag, 0, process_index))
+  """Disjoint equal host shares of each epoch, decoded per example. The
+  shuffle seed is shared by the processes (they split one permutation);
+  augmentation seeds are per process."""
+  return (_host_records(records, derive_seed(seed, tag, 0), process_index,
+                        process_count, config)
           .random_map(ExampleTransform(config, train=True),
                       seed=derive_seed(seed, tag, 1, process_index)))
 

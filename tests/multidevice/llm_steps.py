@@ -8,7 +8,9 @@ Each mesh starts from the same seed and sees the same global batches. With
 ``jax.distributed`` processes on localhost that together hold the devices.
 
 Per mesh the output holds ``<mesh>/loss`` (one per step), ``<mesh>/params...``
-after the steps, and ``<mesh>/param_bytes_per_device``. ``--save_on=M`` writes a
+after the steps, ``<mesh>/param_bytes_per_device``, and the shapes and first-device
+shard shapes of the embedding, the LM head and a KV projection (``<mesh>/<name>_shape``,
+``<mesh>/<name>_shard_shape``). ``--save_on=M`` writes a
 checkpoint after mesh M's steps and goes on one step (``saved/next_loss``);
 ``--restore_onto=M`` then reads it onto mesh M and takes that step again
 (``resumed/loss``).
@@ -92,6 +94,13 @@ def main():
         x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"])))
     arrays[f"{spec}/param_bytes"] = np.int64(sum(
         x.nbytes for x in jax.tree.leaves(state["params"])))
+    params = state["params"]
+    for name, param in (("embedding", params["model"]["embed_tokens"]["embedding"]),
+                        ("lm_head", params["lm_head"]["kernel"]),
+                        ("k_proj", params["model"]["layers"][0]["self_attn"]["k_proj"]["kernel"])):
+      arrays[f"{spec}/{name}_shape"] = np.asarray(param[...].shape)
+      arrays[f"{spec}/{name}_shard_shape"] = np.asarray(
+          param[...].addressable_shards[0].data.shape)
     if spec == args.save_on:
       ckpt.save(args.steps, state, {})
       ckpt.wait()

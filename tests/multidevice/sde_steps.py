@@ -8,7 +8,8 @@ starts; tests/test_parallel.py compares the outputs of several meshes. Every
 mesh uses all devices and trains ``--steps`` of a ``--steps + 1`` step run
 (the discriminator is on from the first step), ending with a checkpoint. Mesh
 (1,8,1) replicates the frozen weights (``config.replicate_frozen``), the others
-shard them like the trained ones.
+shard them like the trained ones. Per mesh it saves the shapes and the first
+device's shard shapes of an MLP kernel, a conv kernel and the codebook.
 ``--restore_onto=M`` then resumes the ``--save_on`` run's checkpoint on mesh M
 for the last step (``resumed/loss``).
 """
@@ -54,6 +55,11 @@ def main():
     frozen = state["frozen"]["semantic_encoder"]["encoder"]["layers"][0]["mlp"]["fc1"]["kernel"]
     arrays[f"{spec}/frozen_fc1_shard_shape"] = np.asarray(
         frozen[...].addressable_shards[0].data.shape)
+    for name, param in (("conv", state["params"]["pixel_decoder"]["conv_in"]["kernel"]),
+                        ("codebook", state["params"]["quantizer"]["codebook"])):
+      arrays[f"{spec}/{name}_shape"] = np.asarray(param[...].shape)
+      arrays[f"{spec}/{name}_shard_shape"] = np.asarray(
+          param[...].addressable_shards[0].data.shape)
   if args.restore_onto:
     workdir = os.path.join(args.workdir, "resumed")
     shutil.copytree(os.path.join(args.workdir, args.save_on), workdir)
