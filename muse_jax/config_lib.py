@@ -112,7 +112,7 @@ def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_h
       dtype="bfloat16",
       param_dtype="float32",
       attention_impl="xla",
-      vq_impl="xla",
+      vq_impl="auto",        # auto | naive | chunked | pallas (kernels/vq.py)
   ))
 
 

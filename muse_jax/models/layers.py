@@ -214,6 +214,17 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, resolve(names, x.shape))
 
 
+def placement(names: Sequence[str | None], shape: Sequence[int]
+              ) -> jax.sharding.NamedSharding | None:
+  """Where an activation with logical ``names`` lives on the mesh; None outside a trainer.
+
+  For kernels that run per shard (``shard_map``): models pass this on without
+  knowing the mesh, as with ``constrain``.
+  """
+  resolve = _ACTIVATION_RESOLVER.get()
+  return None if resolve is None else resolve(names, shape)
+
+
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """x / max(||x||, eps), matching torch.nn.functional.normalize."""
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))

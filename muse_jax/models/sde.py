@@ -45,7 +45,7 @@ class SDEConfig:
   semantic_decoder_width: int = 1024
   semantic_decoder_heads: int = 16
   semantic_decoder_mlp_dim: int = 4096
-  vq_impl: str = "xla"
+  vq_impl: str = "auto"
 
   @property
   def grid(self) -> int:
