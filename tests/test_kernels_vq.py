@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_sde_config
 from flax import nnx
+from tpu_topology import tpu_mesh
 
 from muse_jax.kernels import vq
 from muse_jax.models import quantizer as quantizer_lib
@@ -79,18 +80,9 @@ def test_default_tiles_cover_a_large_codebook():
   np.testing.assert_array_equal(np.asarray(codes), _brute_force(f, book))
 
 
-def _tpu_mesh():
-  topologies = pytest.importorskip("jax.experimental.topologies")
-  try:
-    topology = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
-  except Exception as error:  # no libtpu
-    pytest.skip(f"no TPU topology to compile for: {error}")
-  return jax.sharding.Mesh(np.asarray(topology.devices).reshape(2, 2, 1), sharding.MESH_AXES)
-
-
 @pytest.mark.parametrize("impl", ["pallas", "auto"])
 def test_kernel_compiles_for_tpu_inside_shard_map(impl):
-  mesh = _tpu_mesh()
+  mesh = tpu_mesh((2, 2, 1))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None))
   f = jax.ShapeDtypeStruct((4096, 8), jnp.float32, sharding=rows)
   book = jax.ShapeDtypeStruct((4096, 8), jnp.float32,
