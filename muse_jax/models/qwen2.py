@@ -262,6 +262,8 @@ class Qwen2Model(nnx.Module):
 class Qwen2ForCausalLM(nnx.Module):
   """Token ids [B, T] -> logits [B, T, vocab] (float32), with a KV-cache API."""
 
+  matmul_impl: str = "xla"   # of the LM head; ``layers.use_out_in_kernels`` selects it
+
   def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
     self.config = config
     self.model = Qwen2Model(config, rngs=rngs)
@@ -282,7 +284,7 @@ class Qwen2ForCausalLM(nnx.Module):
       kernel, out_in = self.lm_head.kernel[...], self.lm_head.kernel_out_in
     rows = hidden.reshape(-1, hidden.shape[-1]).astype(self.config.dtype)
     logits = layers.matmul(rows, kernel.astype(self.config.dtype), kernel_out_in=out_in,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=jnp.float32, impl=self.matmul_impl)
     return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
   def hidden_states(self, ids: jax.Array, positions: jax.Array | None = None,
