@@ -66,6 +66,16 @@ def test_splash_matches_xla_outputs_and_gradients(case):
     assert not np.any(np.asarray(got)[:, -7:])
 
 
+def test_xla_layouts_agree():
+  # the grouped-rows layout is the CPU one; TPU / GPU use the [B, Hkv, groups, T, S] einsum
+  q, k, v = _inputs(2, 12, 6, 2, 16)
+  mask = attention.SelfMask(True, _packed(2, 12, 3)).dense(12, 2)
+  grouped = attention._xla(q, k, v, mask, 0.25, grouped_rows=True)
+  np.testing.assert_allclose(attention._xla(q, k, v, mask, 0.25, grouped_rows=False), grouped,
+                             rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(grouped)[:, -3:])
+
+
 def test_dense_masks_and_cache_steps_take_the_xla_path():
   q, k, v = _inputs(1, 4, 2, 1, 16)
   kk, vv = jnp.concatenate([k, k], 1), jnp.concatenate([v, v], 1)  # T=4 queries, S=8 keys

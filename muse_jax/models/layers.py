@@ -69,7 +69,9 @@ class Linear(nnx.Linear):
   The 2-D matmul matters for the backward pass: differentiating a
   [B, T, in] x [in, out] contraction gives the weight gradient in a layout that
   XLA:CPU materialises with a strided transpose, which made a Qwen2 MLP's
-  forward + backward ~30% slower. The [out, in] layout is for decoding a few
+  forward + backward ~30% slower. It costs nothing on TPU: compiled for v5e, a
+  [4, 2048, 3584] x [3584, 18944] bf16 forward + backward has the same
+  temporaries (310 MB), FLOPs and bytes accessed either way. The [out, in] layout is for decoding a few
   rows at a time: on CPU, with ``matmul_impl`` set to ``cpu_matmul.IMPLEMENTATION``
   by ``use_out_in_kernels``, those matmuls run ``kernels.cpu_matmul`` (see
   ``matmul``), while training is faster with [in, out].
