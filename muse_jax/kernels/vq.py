@@ -4,8 +4,9 @@
 
 * ``naive``: one [N, K] score matrix and ``argmin``; the oracle for tests. At
   93k tokens x 32768 codes it needs 12 GB of fp32 scores.
-* ``chunked``: the naive computation over ``lax.map`` chunks of tokens, so only
-  [chunk, K] scores exist at a time; the CPU path and the fallback.
+* ``chunked``: the scores over ``lax.map`` chunks of tokens, so only [chunk, K]
+  exist at a time, and a two-level argmin (min per tile of codes, argmin inside
+  the winning tile); the CPU / GPU path and the fallback.
 * ``pallas``: a Pallas kernel tiling tokens and codes; each token tile keeps a
   running (min, argmin) in VMEM across codebook tiles, so scores exist only as a
   [block_n, block_k] tile. On TPU it compiles with Mosaic; on any other backend
@@ -29,7 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 IMPLEMENTATIONS = ("auto", "naive", "chunked", "pallas")
-CHUNK_SIZE = 1024   # tokens per chunk: [1024, 32768] fp32 scores are 128 MiB
+ARGMIN_TILE = 256  # codes per tile of the chunked path's two-level argmin
+CHUNK_SIZE = 1024  # tokens per chunk: [1024, 32768] fp32 scores are 128 MiB
 # Tile sizes of the kernel: a [256, 2048] fp32 score tile is 2 MiB of VMEM, with room
 # for the compare/select temporaries under v5e's 16 MiB scoped-VMEM default.
 BLOCK_N, BLOCK_K = 256, 2048
@@ -48,13 +50,28 @@ def _naive(f: jax.Array, codebook: jax.Array, sq_norms: jax.Array) -> jax.Array:
 
 def _chunked(f: jax.Array, codebook: jax.Array, sq_norms: jax.Array, chunk_size: int
              ) -> jax.Array:
+  # codes padded to whole argmin tiles; padded codes score +inf and never win
+  pad_k = -codebook.shape[0] % ARGMIN_TILE
+  codebook = jnp.pad(codebook, ((0, pad_k), (0, 0)))
+  sq_norms = jnp.pad(sq_norms, (0, pad_k), constant_values=jnp.inf)
+  search = lambda rows: _two_level_argmin(_scores(rows, codebook, sq_norms))
   n = f.shape[0]
   if n <= chunk_size:
-    return _naive(f, codebook, sq_norms)
+    return search(f)
   pad = -n % chunk_size
   chunks = jnp.pad(f, ((0, pad), (0, 0))).reshape(-1, chunk_size, f.shape[1])
-  codes = jax.lax.map(lambda c: _naive(c, codebook, sq_norms), chunks)
-  return codes.reshape(-1)[:n]
+  return jax.lax.map(search, chunks).reshape(-1)[:n]
+
+
+def _two_level_argmin(scores: jax.Array) -> jax.Array:
+  """``argmin(scores, -1)`` (ties: lowest index) via a min per tile of codes, then an
+  argmin inside the winning tile only. XLA:CPU's min is ~20x faster than its argmin
+  (a variadic reduce), so this runs the chunked search ~2.5x faster on CPU."""
+  n, k = scores.shape
+  tiles = scores.reshape(n, k // ARGMIN_TILE, ARGMIN_TILE)
+  best_tile = jnp.argmin(jnp.min(tiles, axis=-1), axis=-1)  # first tile holding the minimum
+  winner = jnp.take_along_axis(tiles, best_tile[:, None, None], axis=1)[:, 0]
+  return (best_tile * ARGMIN_TILE + jnp.argmin(winner, axis=-1)).astype(jnp.int32)
 
 
 def _nearest_kernel(f_ref, book_t_ref, norms_ref, codes_ref, best_ref, best_index_ref):
