@@ -183,7 +183,8 @@ def _sharded(kernel, q, k, v, mask, scale, options, sharding):
                            options=options, interpret=_platform(sharding) != "tpu")
   if sharding is None:
     return call(q, k, v, segment_ids)
-  batch_axes, head_axes = sharding.spec[0], sharding.spec[2] if len(sharding.spec) > 2 else None
+  spec = tuple(sharding.spec) + (None,) * (3 - len(sharding.spec))
+  batch_axes, head_axes = spec[0], spec[2]
   if head_axes is not None:
     names = (head_axes,) if isinstance(head_axes, str) else tuple(head_axes)
     if k.shape[2] % math.prod(sharding.mesh.shape[n] for n in names):

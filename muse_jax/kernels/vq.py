@@ -175,11 +175,9 @@ def nearest_code(f: jax.Array, codebook: jax.Array, *, impl: str = "auto",
   codebook = jax.lax.stop_gradient(codebook.astype(jnp.float32))
   search = functools.partial(_search, impl=impl, chunk_size=chunk_size, block_n=block_n,
                              block_k=block_k)
-  spec = None if sharding is None else sharding.spec
-  if spec is None or spec[0] is None:
+  batch_axes = sharding.spec[0] if sharding is not None and sharding.spec else None
+  if batch_axes is None:
     return search(f, codebook)
-  rows = jax.sharding.PartitionSpec(spec[0])
-  return jax.shard_map(search, mesh=sharding.mesh,
-                       in_specs=(jax.sharding.PartitionSpec(spec[0], None),
-                                 jax.sharding.PartitionSpec()),
-                       out_specs=rows, check_vma=False)(f, codebook)
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(search, mesh=sharding.mesh, in_specs=(P(batch_axes, None), P()),
+                       out_specs=P(batch_axes), check_vma=False)(f, codebook)
