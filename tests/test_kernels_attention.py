@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from tpu_topology import tpu_mesh
 
+from muse_jax import config_lib
 from muse_jax.kernels import attention
 from muse_jax.models import qwen2
 from muse_jax.parallel import sharding
@@ -169,3 +170,20 @@ def test_decoder_step_loss_is_the_same_for_xla_and_splash():
   np.testing.assert_allclose(results["splash"][0], results["xla"][0], rtol=1e-6)
   for got, want in zip(results["splash"][1], results["xla"][1]):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config_name, override, field", [
+    ("sde_256", lambda m: m.update(vq_impl="triton"), "config.model.vq_impl"),
+    ("sde_256", lambda m: m.update(attention_impl="flash"), "config.model.attention_impl"),
+    ("sde_256", lambda m: m.update(attention_block_q=100), "config.model.attention_block_q"),
+    ("muse_vl", lambda m: m.update(attention_impl="flash"), "config.model.attention_impl"),
+    ("muse_vl", lambda m: m.update(attention_block_kv=0), "config.model.attention_block_kv"),
+])
+def test_kernel_config_fields_are_validated(config_loader, config_name, override, field):
+  config = config_loader(config_name)
+  validate = config_lib.validate_sde if config_name == "sde_256" else config_lib.validate_llm
+  validate(config)
+  override(config.model)
+  with pytest.raises(config_lib.ConfigError) as err:
+    validate(config)
+  assert str(err.value).startswith(field) and ";" in str(err.value)
