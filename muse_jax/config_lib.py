@@ -113,10 +113,10 @@ def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_h
                    norm_groups=32),
       dtype="bfloat16",
       param_dtype="float32",
-      attention_impl="auto",  # auto | xla | splash | cudnn (kernels/attention.py)
+      attention_impl="auto",   # auto | xla | splash | cudnn (docs/kernels.md)
       attention_block_q=512,   # splash tiles: multiples of 128
       attention_block_kv=512,
-      vq_impl="auto",        # auto | naive | chunked | pallas (kernels/vq.py)
+      vq_impl="auto",          # auto | naive | chunked | pallas (docs/kernels.md)
   ))
 
 
