@@ -47,7 +47,7 @@ def main() -> None:
 
   torch_model, ours, params_m = qwen2_pair.build(initializer_range=0.05)
   torch_model.eval()
-  layers.use_out_in_kernels(ours)
+  layers.use_out_in_kernels(ours, matmul_impl=cpu_matmul.IMPLEMENTATION)
 
   result = {"benchmark": "qwen2_greedy_generate_fp32",
             "params_m": round(params_m, 1),

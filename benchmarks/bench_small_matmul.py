@@ -49,6 +49,7 @@ def main() -> None:
   parser.add_argument("--outputs", type=int, default=65536)
   args = parser.parse_args()
 
+  cpu_matmul.load()
   rng = np.random.default_rng(0)
   x = rng.standard_normal((args.rows, args.features), np.float32)
   in_out = rng.standard_normal((args.features, args.outputs), np.float32)

@@ -15,6 +15,8 @@ import math
 
 import ml_collections
 
+from muse_jax.kernels import attention
+from muse_jax.kernels import vq
 from muse_jax.models import discriminator as discriminator_lib
 from muse_jax.models import muse_vl
 from muse_jax.models import qwen2
@@ -111,8 +113,10 @@ def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_h
                    norm_groups=32),
       dtype="bfloat16",
       param_dtype="float32",
-      attention_impl="xla",
-      vq_impl="xla",
+      attention_impl="auto",   # auto | xla | splash | cudnn (docs/kernels.md)
+      attention_block_q=512,   # splash tiles: multiples of 128
+      attention_block_kv=512,
+      vq_impl="auto",          # auto | naive | chunked | pallas (docs/kernels.md)
   ))
 
 
@@ -147,7 +151,8 @@ def sde_model_config(c: ml_collections.ConfigDict) -> sde_lib.SDEConfig:
   encoder = siglip.SiglipConfig(
       image_size=enc.image_size, patch_size=enc.patch_size, width=enc.width, depth=enc.depth,
       num_heads=enc.num_heads, mlp_dim=enc.mlp_dim, layer_norm_eps=enc.layer_norm_eps,
-      dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl)
+      dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
+      attention_block_q=m.attention_block_q, attention_block_kv=m.attention_block_kv)
   decoder = vqgan.DecoderConfig(
       z_channels=m.decoder.z_channels, ch=m.decoder.ch, ch_mult=tuple(m.decoder.ch_mult),
       num_res_blocks=m.decoder.num_res_blocks, norm_groups=m.decoder.norm_groups,
@@ -172,9 +177,23 @@ def _check_divisible(value: int, by: int, field: str, what: str) -> None:
         f"set it to a multiple of {by}")
 
 
+def _check_kernels(m: ml_collections.ConfigDict) -> None:
+  """The kernel choices of a model block (``attention_*``, and ``vq_impl`` where present)."""
+  check(m.attention_impl in attention.IMPLEMENTATIONS, "model.attention_impl",
+        f"{m.attention_impl!r} is unknown",
+        f"use one of {attention.IMPLEMENTATIONS} ('auto': splash on TPU, cuDNN on GPU, else xla)")
+  for field in ("attention_block_q", "attention_block_kv"):
+    check(m[field] >= 128 and m[field] % 128 == 0, f"model.{field}",
+          f"{m[field]} is not a splash tile length", "use a positive multiple of 128 (e.g. 512)")
+  if "vq_impl" in m:
+    check(m.vq_impl in vq.IMPLEMENTATIONS, "model.vq_impl", f"{m.vq_impl!r} is unknown",
+          f"use one of {vq.IMPLEMENTATIONS} ('auto': the Pallas kernel on TPU, else chunked)")
+
+
 def validate_sde(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for an SDE config that cannot build or train."""
   m = c.model
+  _check_kernels(m)
   enc = m.encoder
   check(m.mode in sde_lib.MODES, "model.mode", f"{m.mode!r} is not an ablation mode",
         f"use one of {sde_lib.MODES} (Table 6: image only, semantic only, both)")
@@ -276,6 +295,7 @@ def llm_model_config(c: ml_collections.ConfigDict) -> qwen2.Qwen2Config:
 def validate_llm(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for a decoder config that cannot build or train."""
   m = c.model
+  _check_kernels(m)
   for field in ("dtype", "param_dtype"):
     check(m[field] in DTYPES, f"model.{field}", f"{m[field]!r} is not a dtype",
           f"use one of {DTYPES}")

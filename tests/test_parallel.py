@@ -269,7 +269,10 @@ def test_activation_constraints_only_under_a_mesh():
     # a new function: traces are cached per function, which is why trainers set the
     # context inside the jitted function (sharding.jit_sharded), never around a call
     jax.make_jaxpr(lambda *a: forward(*a))(state, ids)
-  # the embedding output and every layer's output: the residual stream
-  assert seen == [(("batch", "seq", "act_embed"), (2, 8, 16))] * (config.num_layers + 1)
+  # the embedding output and every layer's output: the residual stream; and in each layer
+  # the placement of the attention queries, which per-shard kernels read (kernels/attention.py)
+  residual = (("batch", "seq", "act_embed"), (2, 8, 16))
+  queries = (("batch", "seq", "heads", None), (2, 8, 2, 8))
+  assert seen == [residual] + [queries, residual] * config.num_layers
   assert sharding.logical_to_mesh(("batch", "seq", "act_embed"), (16, 8, 64),
                                   _FakeMesh(2, 4, 2)) == P(("data", "fsdp"), None, None)

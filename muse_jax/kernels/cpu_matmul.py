@@ -6,13 +6,16 @@ machine's bandwidth. ``cpu_matmul.cc`` reads each weight row once and
 multiplies it with every input row while it is in L1 (see its header). It
 takes ``[out, in]`` kernels, the serving layout of ``layers.use_out_in_kernels``.
 
-The C++ source is compiled on first use with the system C++ compiler
-(``$CXX``, else ``g++``; ``-O3 -march=native``) against the XLA FFI headers
-shipped with jaxlib, and cached under ``$MUSE_JAX_CACHE_DIR`` (default
-``~/.cache/muse_jax``) by a hash of the source, compiler, flags and jax version.
-Where that fails (no compiler, say), one warning names the reason and every
-call falls back to XLA's dot, which gives the same result to rounding.
-``MUSE_JAX_CPU_KERNELS=0`` turns the kernel off.
+It is one selectable matmul implementation (``IMPLEMENTATION``), opt-in for CPU
+serving: ``layers.use_out_in_kernels(model, matmul_impl=IMPLEMENTATION)`` calls
+``load()`` once, outside any trace. ``load()`` compiles the C++ source with the
+system C++ compiler (``$CXX``, else ``g++``; ``-O3 -march=native``) against the
+XLA FFI headers shipped with jaxlib, caches it under ``$MUSE_JAX_CACHE_DIR``
+(default ``~/.cache/muse_jax``) by a hash of the source, compiler, flags and jax
+version, and registers it with XLA. Where that fails (no compiler, say), one
+warning names the reason and every call falls back to XLA's dot, which gives the
+same result to rounding. ``MUSE_JAX_CPU_KERNELS=0`` turns the kernel off.
+Tracing never builds anything: ``applies`` only asks whether ``load()`` succeeded.
 
 ``matmul_out_in`` is the entry point: it uses the kernel only for float32,
 ``MIN_ROWS`` to ``MAX_ROWS`` rows, on the CPU backend, and XLA's dot everywhere else
@@ -89,19 +92,38 @@ def compile_library(compiler: str | None = None, cache_dir: pathlib.Path | None 
   return library
 
 
+IMPLEMENTATION = "cpu_small_rows"
+_load_error: str | None = "cpu_matmul.load() was not called"
+
+
 @functools.cache
-def available() -> bool:
-  """Whether the kernel is built and registered with XLA (at most one build per process)."""
+def load() -> bool:
+  """Builds (or finds) and registers the kernel, once per process; False with a warning
+  naming the reason where it cannot (``load_error()``). Never called while tracing."""
+  global _load_error
   if os.environ.get("MUSE_JAX_CPU_KERNELS", "1") == "0":
+    _load_error = "MUSE_JAX_CPU_KERNELS=0"
     return False
   try:
     handle = ctypes.cdll.LoadLibrary(str(compile_library()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.MuseSmallRowsMatmul),
                                 platform="cpu")
   except (RuntimeError, OSError) as error:
+    _load_error = str(error)
     logging.warning("muse_jax CPU decode kernel unavailable, using XLA's dot: %s", error)
     return False
+  _load_error = None
   return True
+
+
+def available() -> bool:
+  """Whether ``load()`` registered the kernel (builds nothing)."""
+  return _load_error is None
+
+
+def load_error() -> str | None:
+  """Why the kernel is not available (None when it is)."""
+  return _load_error
 
 
 def _xla(x: jax.Array, w: jax.Array) -> jax.Array:

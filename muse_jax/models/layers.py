@@ -69,19 +69,24 @@ class Linear(nnx.Linear):
   The 2-D matmul matters for the backward pass: differentiating a
   [B, T, in] x [in, out] contraction gives the weight gradient in a layout that
   XLA:CPU materialises with a strided transpose, which made a Qwen2 MLP's
-  forward + backward ~30% slower. The [out, in] layout is for decoding a few
-  rows at a time: on CPU those matmuls run ``kernels.cpu_matmul`` (see
+  forward + backward ~30% slower. It costs nothing on TPU: compiled for v5e, a
+  [4, 2048, 3584] x [3584, 18944] bf16 forward + backward has the same
+  temporaries (310 MB), FLOPs and bytes accessed either way. The [out, in] layout is for decoding a few
+  rows at a time: on CPU, with ``matmul_impl`` set to ``cpu_matmul.IMPLEMENTATION``
+  by ``use_out_in_kernels``, those matmuls run ``kernels.cpu_matmul`` (see
   ``matmul``), while training is faster with [in, out].
   """
 
   kernel_out_in: bool = False
+  matmul_impl: str = "xla"
 
   def __call__(self, x: jax.Array) -> jax.Array:
     rows = x.reshape(-1, x.shape[-1])
     bias = self.bias[...] if self.bias is not None else None
     rows, kernel, bias = self.promote_dtype((rows, self.kernel[...], bias), dtype=self.dtype)
     y = matmul(rows, kernel, kernel_out_in=self.kernel_out_in, precision=self.precision,
-               preferred_element_type=self.preferred_element_type, dot_general=self.dot_general)
+               preferred_element_type=self.preferred_element_type, dot_general=self.dot_general,
+               impl=self.matmul_impl)
     if bias is not None:
       y += bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -91,16 +96,22 @@ class Linear(nnx.Linear):
     return self.kernel[...].T if self.kernel_out_in else self.kernel[...]
 
 
+MATMUL_IMPLEMENTATIONS = ("xla", cpu_matmul.IMPLEMENTATION)
+
+
 def matmul(rows: jax.Array, kernel: jax.Array, *, kernel_out_in: bool, precision=None,
            preferred_element_type: Dtype | None = None,
-           dot_general: Callable[..., jax.Array] = jax.lax.dot_general) -> jax.Array:
+           dot_general: Callable[..., jax.Array] = jax.lax.dot_general,
+           impl: str = "xla") -> jax.Array:
   """Rows [M, in] times a kernel stored [in, out] or [out, in] -> [M, out].
 
-  An [out, in] kernel times 2 to 8 float32 rows on the CPU backend (batched
-  decoding; ``cpu_matmul.applies``) runs ``kernels.cpu_matmul``; mesh-sharded
-  traces (inside ``activation_sharding``) and everything else use ``dot_general``.
+  With ``impl=cpu_matmul.IMPLEMENTATION`` (opted into by ``use_out_in_kernels``), an
+  [out, in] kernel times 2 to 8 float32 rows on the CPU backend (batched decoding;
+  ``cpu_matmul.applies``) runs ``kernels.cpu_matmul``; mesh-sharded traces (inside
+  ``activation_sharding``) and everything else use ``dot_general``.
   """
-  if (kernel_out_in and dot_general is jax.lax.dot_general and precision is None
+  if (impl == cpu_matmul.IMPLEMENTATION and kernel_out_in
+      and dot_general is jax.lax.dot_general and precision is None
       and _ACTIVATION_RESOLVER.get() is None and cpu_matmul.applies(rows, kernel)):
     return cpu_matmul.matmul_out_in(rows, kernel)
   extra = {} if preferred_element_type is None else {
@@ -109,17 +120,26 @@ def matmul(rows: jax.Array, kernel: jax.Array, *, kernel_out_in: bool, precision
   return dot_general(rows, kernel, (((1,), (contract,)), ((), ())), precision=precision, **extra)
 
 
-def use_out_in_kernels(model: nnx.Module) -> None:
-  """Stores every ``Linear`` kernel under ``model`` as [out, in], in place.
+def use_out_in_kernels(model: nnx.Module, matmul_impl: str = "xla") -> None:
+  """Stores every ``Linear`` kernel under ``model`` as [out, in], in place, and selects
+  ``matmul_impl`` for every module with a ``matmul_impl`` attribute.
 
-  For serving: decode steps of 2 to 8 rows then run the
-  CPU small-row kernel (``matmul``); batch-8 greedy decoding of the 31M
-  benchmark Qwen2 is ~1.5x faster. One kernel is transposed at a time, so memory
+  For serving. With ``matmul_impl=cpu_matmul.IMPLEMENTATION`` the kernel is built and
+  registered here (``cpu_matmul.load``, not while tracing), and decode steps of 2 to 8
+  rows run it (``matmul``); batch-8 greedy decoding of the 31M benchmark Qwen2 is
+  ~1.5x faster on CPU. One kernel is transposed at a time, so memory
   grows by at most one kernel. The logical axis names are reversed with the
   axes. Checkpoints and Hugging Face export expect [in, out]: convert and save
   the model before calling this, not after.
   """
+  if matmul_impl not in MATMUL_IMPLEMENTATIONS:
+    raise ValueError(f"matmul_impl {matmul_impl!r} is unknown; choose one of "
+                     f"{MATMUL_IMPLEMENTATIONS}")
+  if matmul_impl == cpu_matmul.IMPLEMENTATION:
+    cpu_matmul.load()   # on failure: one warning, and XLA's dot in every call
   for _, module in nnx.iter_modules(model):
+    if hasattr(module, "matmul_impl"):
+      module.matmul_impl = matmul_impl
     if isinstance(module, Linear) and not module.kernel_out_in:
       names = module.kernel.get_metadata().get("out_sharding")
       module.kernel = nnx.Param(module.kernel[...].T, eager_sharding=False,
@@ -212,6 +232,17 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   if len(names) != x.ndim:
     raise ValueError(f"constrain: {x.ndim}-d activation {x.shape} got names {names}")
   return jax.lax.with_sharding_constraint(x, resolve(names, x.shape))
+
+
+def placement(names: Sequence[str | None], shape: Sequence[int]
+              ) -> jax.sharding.NamedSharding | None:
+  """Where an activation with logical ``names`` lives on the mesh; None outside a trainer.
+
+  For kernels that run per shard (``shard_map``): models pass this on without
+  knowing the mesh, as with ``constrain``.
+  """
+  resolve = _ACTIVATION_RESOLVER.get()
+  return None if resolve is None else resolve(names, shape)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:

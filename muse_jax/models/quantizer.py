@@ -33,7 +33,7 @@ jax.tree_util.register_dataclass(
 class VectorQuantizer(nnx.Module):
 
   def __init__(self, codebook_size: int, code_dim: int, *, rngs: nnx.Rngs,
-               l2_normalized: bool = True, impl: str = "xla", param_dtype=jnp.float32):
+               l2_normalized: bool = True, impl: str = "auto", param_dtype=jnp.float32):
     self.codebook_size = codebook_size
     self.code_dim = code_dim
     self.l2_normalized = l2_normalized
@@ -55,7 +55,9 @@ class VectorQuantizer(nnx.Module):
     f = f.astype(jnp.float32)
     book = self.entries()
     flat = f.reshape(-1, self.code_dim)
-    codes = vq.nearest_code(flat, book, impl=self.impl).reshape(f.shape[:-1])
+    codes = vq.nearest_code(flat, book, impl=self.impl,
+                            sharding=layers.placement(("batch", None), flat.shape))
+    codes = codes.reshape(f.shape[:-1])
     z_q = jnp.take(book, codes, axis=0)
     entropy = jnp.zeros((), jnp.float32)
     if entropy_temperature is not None:
@@ -68,18 +70,33 @@ class VectorQuantizer(nnx.Module):
         entropy_loss=entropy)
 
 
-def _entropy_loss(flat: jax.Array, book: jax.Array, temperature: float) -> jax.Array:
+def _entropy_loss(flat: jax.Array, book: jax.Array, temperature: float,
+                  chunk_size: int = vq.CHUNK_SIZE) -> jax.Array:
   """Mean per-token entropy minus entropy of the mean assignment (MaskGIT / LlamaGen).
 
   Low per-token entropy makes assignments confident; high batch entropy spreads
-  them over the codebook. Builds [N, K] soft assignments: an option for small
-  batches per device, off by default as in the paper.
+  them over the codebook. The [N, K] soft assignments exist one [chunk, K] block
+  at a time, forward and backward (each chunk is rematerialised for its gradient).
   """
-  sq_dist = (jnp.sum(jnp.square(flat), -1, keepdims=True) - 2.0 * flat @ book.T
-             + jnp.sum(jnp.square(book), -1)[None])
-  log_probs = jax.nn.log_softmax(-sq_dist / temperature, axis=-1)
-  probs = jnp.exp(log_probs)
-  per_token = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
-  mean_probs = jnp.mean(probs, axis=0)
+  n = flat.shape[0]
+  chunk_size = min(chunk_size, n)
+  pad = -n % chunk_size
+  chunks = jnp.pad(flat, ((0, pad), (0, 0))).reshape(-1, chunk_size, flat.shape[1])
+  valid = (jnp.arange(n + pad) < n).astype(jnp.float32).reshape(-1, chunk_size)
+  sq_norms = jnp.sum(jnp.square(book), -1)
+
+  @jax.checkpoint
+  def add_chunk(totals, chunk):
+    rows, weights = chunk
+    sq_dist = (jnp.sum(jnp.square(rows), -1, keepdims=True) - 2.0 * rows @ book.T
+               + sq_norms[None])
+    log_probs = jax.nn.log_softmax(-sq_dist / temperature, axis=-1)
+    probs = jnp.exp(log_probs) * weights[:, None]
+    entropy_sum, probs_sum = totals
+    return (entropy_sum - jnp.sum(probs * log_probs), probs_sum + jnp.sum(probs, axis=0)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros(book.shape[0], jnp.float32))
+  (entropy_sum, probs_sum), _ = jax.lax.scan(add_chunk, zeros, (chunks, valid))
+  mean_probs = probs_sum / n
   batch = -jnp.sum(mean_probs * jnp.log(mean_probs + 1e-10))
-  return per_token - batch
+  return entropy_sum / n - batch

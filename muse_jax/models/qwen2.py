@@ -43,8 +43,14 @@ class Qwen2Config:
   max_position_embeddings: int = 32768
   dtype: str = "float32"              # compute dtype
   param_dtype: str = "float32"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"        # kernels/attention.py: auto | xla | splash | cudnn
+  attention_block_q: int = 512        # splash tiles (multiples of 128)
+  attention_block_kv: int = 512
   remat: bool = False                 # recompute each layer in the backward pass
+
+  @property
+  def attention(self) -> attention.Options:
+    return attention.Options(self.attention_impl, self.attention_block_q, self.attention_block_kv)
 
   @property
   def kv_dim(self) -> int:
@@ -170,8 +176,8 @@ class Attention(nnx.Module):
     self.o_proj = layers.linear(c.num_heads * hd, c.hidden_size, ("heads", "embed"),
                                 use_bias=False, **kw)
 
-  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-               kv: tuple[jax.Array, jax.Array] | None = None,
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array],
+               mask: attention.SelfMask | jax.Array, kv: tuple[jax.Array, jax.Array] | None = None,
                cache_index: jax.Array | None = None):
     c, hd = self.config, self.config.kv_dim
     b, t, _ = x.shape
@@ -186,8 +192,9 @@ class Attention(nnx.Module):
       kv = (jax.lax.dynamic_update_slice(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype), start),
             jax.lax.dynamic_update_slice(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype), start))
       k, v = kv[0].swapaxes(1, 2), kv[1].swapaxes(1, 2)
-    out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                          impl=c.attention_impl)
+    out = attention.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, options=c.attention,
+        sharding=layers.placement(("batch", "seq", "heads", None), q.shape))
     return self.o_proj(out.reshape(b, t, c.num_heads * hd)), kv
 
 
@@ -255,6 +262,8 @@ class Qwen2Model(nnx.Module):
 class Qwen2ForCausalLM(nnx.Module):
   """Token ids [B, T] -> logits [B, T, vocab] (float32), with a KV-cache API."""
 
+  matmul_impl: str = "xla"   # of the LM head; ``layers.use_out_in_kernels`` selects it
+
   def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
     self.config = config
     self.model = Qwen2Model(config, rngs=rngs)
@@ -275,7 +284,7 @@ class Qwen2ForCausalLM(nnx.Module):
       kernel, out_in = self.lm_head.kernel[...], self.lm_head.kernel_out_in
     rows = hidden.reshape(-1, hidden.shape[-1]).astype(self.config.dtype)
     logits = layers.matmul(rows, kernel.astype(self.config.dtype), kernel_out_in=out_in,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=jnp.float32, impl=self.matmul_impl)
     return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
 
   def hidden_states(self, ids: jax.Array, positions: jax.Array | None = None,
@@ -284,7 +293,7 @@ class Qwen2ForCausalLM(nnx.Module):
     if positions is None:
       positions = (segment_positions(segment_ids) if segment_ids is not None else
                    jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape))
-    mask = attention.attention_mask(positions, positions, segment_ids, segment_ids, causal=True)
+    mask = attention.SelfMask(causal=True, segment_ids=segment_ids, positions=positions)
     return self.model(ids, positions, mask)[0]
 
   def __call__(self, ids: jax.Array, positions: jax.Array | None = None,

@@ -45,7 +45,7 @@ class SDEConfig:
   semantic_decoder_width: int = 1024
   semantic_decoder_heads: int = 16
   semantic_decoder_mlp_dim: int = 4096
-  vq_impl: str = "xla"
+  vq_impl: str = "auto"
 
   @property
   def grid(self) -> int:
@@ -78,7 +78,7 @@ class SemanticDecoder(nnx.Module):
         enc.param_dtype)
     self.encoder = siglip.Encoder(width, cfg.semantic_decoder_depth, cfg.semantic_decoder_heads,
                                   cfg.semantic_decoder_mlp_dim, enc.layer_norm_eps,
-                                  attention_impl=enc.attention_impl, **kw)
+                                  attention=enc.attention, **kw)
     self.norm = layers.layer_norm(width, eps=enc.layer_norm_eps, **kw)
     self.out_proj = layers.linear(width, enc.width, ("embed", None), **kw)
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from muse_jax.kernels import attention
+from muse_jax.kernels import attention as attention_lib
 from muse_jax.models import layers
 
 
@@ -34,7 +34,14 @@ class SiglipConfig:
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"          # compute dtype
   param_dtype: str = "float32"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"     # kernels/attention.py: auto | xla | splash | cudnn
+  attention_block_q: int = 512     # splash tiles (multiples of 128)
+  attention_block_kv: int = 512
+
+  @property
+  def attention(self) -> attention_lib.Options:
+    return attention_lib.Options(self.attention_impl, self.attention_block_q,
+                                 self.attention_block_kv)
 
   @property
   def grid(self) -> int:
@@ -49,11 +56,12 @@ class Attention(nnx.Module):
   """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
 
   def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None,
-               param_dtype=jnp.float32, attention_impl: str = "xla"):
+               param_dtype=jnp.float32,
+               attention: attention_lib.Options = attention_lib.Options()):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
-    self.attention_impl = attention_impl
+    self.attention = attention
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = layers.linear(width, width, ("embed", "heads"), **kw)
     self.k_proj = layers.linear(width, width, ("embed", "heads"), **kw)
@@ -63,9 +71,10 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, c = x.shape
     split = lambda t: t.reshape(b, n, self.num_heads, c // self.num_heads)
-    out = attention.dot_product_attention(
-        split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-        impl=self.attention_impl)
+    q = split(self.q_proj(x))
+    out = attention_lib.dot_product_attention(
+        q, split(self.k_proj(x)), split(self.v_proj(x)), options=self.attention,
+        sharding=layers.placement(("batch", "seq", "heads", None), q.shape))
     return self.out_proj(out.reshape(b, n, c))
 
 
@@ -85,10 +94,11 @@ class EncoderLayer(nnx.Module):
   """Pre-norm transformer block."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, eps: float, *,
-               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention_impl="xla"):
+               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+               attention: attention_lib.Options = attention_lib.Options()):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.layer_norm1 = layers.layer_norm(width, eps=eps, **kw)
-    self.self_attn = Attention(width, num_heads, attention_impl=attention_impl, **kw)
+    self.self_attn = Attention(width, num_heads, attention=attention, **kw)
     self.layer_norm2 = layers.layer_norm(width, eps=eps, **kw)
     self.mlp = Mlp(width, mlp_dim, **kw)
 
@@ -100,10 +110,11 @@ class EncoderLayer(nnx.Module):
 class Encoder(nnx.Module):
 
   def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, eps: float, *,
-               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, attention_impl="xla"):
+               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+               attention: attention_lib.Options = attention_lib.Options()):
     self.layers = nnx.List([
         EncoderLayer(width, num_heads, mlp_dim, eps, rngs=rngs, dtype=dtype,
-                     param_dtype=param_dtype, attention_impl=attention_impl)
+                     param_dtype=param_dtype, attention=attention)
         for _ in range(depth)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -144,7 +155,7 @@ class SiglipVisionTower(nnx.Module):
     kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.embeddings = PatchEmbeddings(config, rngs=rngs)
     self.encoder = Encoder(config.width, config.depth, config.num_heads, config.mlp_dim,
-                           config.layer_norm_eps, attention_impl=config.attention_impl, **kw)
+                           config.layer_norm_eps, attention=config.attention, **kw)
     self.post_layernorm = layers.layer_norm(config.width, eps=config.layer_norm_eps, **kw)
 
   def __call__(self, pixels: jax.Array) -> jax.Array:
