@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from http import HTTPStatus
 
 import jax
 import numpy as np
@@ -180,15 +181,42 @@ def test_nonfinite_stop_names_step_and_keeps_last_good_checkpoint(straight, tmp_
                     restore(str(tmp_path / "checkpoints"), 2))
 
 
+def _download_like_gcs(download):
+  """gcp-storage-emulator's media download, plus two things GCS does that tensorstore's
+  OCDBT (Orbax's array store) relies on: the ``x-goog-generation`` header, and 304
+  Not Modified for ``ifGenerationNotMatch`` equal to the object's generation."""
+  from gcp_storage_emulator.exceptions import NotFound
+
+  def handler(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except NotFound:
+      return download(request, response, storage, *args, **kwargs)   # its 404
+    if request.query.get("ifGenerationNotMatch", [None])[0] == obj["generation"]:
+      response.status = HTTPStatus.NOT_MODIFIED
+      return None
+    response["x-goog-generation"] = obj["generation"]
+    return download(request, response, storage, *args, **kwargs)
+  return handler
+
+
 @pytest.fixture
 def gcs_emulator(monkeypatch):
   """A GCS emulator in this process (memory only) with bucket ``muse-test``; the
   env points gcsfs (etils.epath) and tensorstore (Orbax's arrays) at it."""
-  from gcp_storage_emulator.server import create_server
+  from gcp_storage_emulator import server as server_lib
+  from gcp_storage_emulator.handlers import objects
+  original = objects.download
+  patched = _download_like_gcs(original)
+  monkeypatch.setattr(objects, "download", patched)     # objects.get calls it by name
+  for _, methods in server_lib.HANDLERS:                # the routes hold it directly
+    for method, handler in list(methods.items()):
+      if handler is original:
+        monkeypatch.setitem(methods, method, patched)
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  server = create_server("localhost", port, in_memory=True, default_bucket="muse-test")
+  server = server_lib.create_server("localhost", port, in_memory=True, default_bucket="muse-test")
   server.start()
   url = f"http://localhost:{port}"
   env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,

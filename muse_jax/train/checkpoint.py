@@ -63,12 +63,18 @@ def check_shapes(expected: Any, found: Any, where: str) -> None:
 class Checkpointer:
   """Interval + final saves of (state, data state); keeps the last ``keep``."""
 
-  def __init__(self, directory: str | epath.Path, *, keep: int = 3):
+  def __init__(self, directory: str | epath.Path, *, keep: int = 3,
+               clean_incomplete: bool = False):
+    """``clean_incomplete``: delete saves a kill interrupted (local ``*.orbax-checkpoint-tmp*``
+    directories; on object stores, step directories without Orbax's commit file), so
+    that their steps are later written afresh. Only for the run that owns the
+    directory: a reader must not delete a live run's save in progress."""
     self.directory = as_path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=True),
+                                             enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=clean_incomplete),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
 

@@ -253,7 +253,8 @@ def _train(config, workdir, make_stage, stop_after, profile_steps, preemption, p
   stage = make_stage(config, mesh)
   state = stage.init()
   batches = stage.batches(process_index, process_count)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                     clean_incomplete=True)
   start = ckpt.latest_step()
   if start is not None:
     state, data_state = ckpt.restore(start, stage.abstract_state)
