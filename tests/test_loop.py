@@ -95,7 +95,8 @@ class Run:
     deadline = time.time() + timeout
     while not condition():
       if self.proc.poll() is not None:
-        pytest.fail(f"run ended (exit {self.proc.returncode}) before {what}:\n{self.text()[-3000:]}")
+        pytest.fail(f"run ended (exit {self.proc.returncode}) before {what}:\n"
+                    f"{self.text()[-3000:]}")
       if time.time() > deadline:
         self.proc.kill()
         pytest.fail(f"no {what} within {timeout} s:\n{self.text()[-3000:]}")

@@ -21,7 +21,8 @@ from muse_jax import config_lib
 
 STAGES = {
     "sde": "muse_jax.train.sde_trainer",   # SDE tokenizer
-    "llm": "muse_jax.train.llm_trainer",   # MUSE-VL decoder (step only; its loop comes with the VLM stages)
+    "llm": "muse_jax.train.llm_trainer",   # MUSE-VL decoder: step only, its loop comes with
+                                           # the VLM stages
 }
 
 
