@@ -19,7 +19,7 @@
 # text are all that run here.)
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 2 ] || usage
 action=$1 name=$2; shift 2
 zone="" type="" version="" repo="" ref="main" spot=""
