@@ -17,11 +17,12 @@ stage:
 - preemption: on SIGTERM every process agrees on one step (JAX's preemption
   sync point when several processes run), saves a checkpoint there and the run
   exits with ``PREEMPTED_EXIT_CODE`` (75); re-running continues from that step;
-- the non-finite guard (``config.nonfinite``): a step whose loss or gradient
-  norm is not finite leaves the state unchanged (``skip_nonfinite``); "skip"
-  counts it (``train/nonfinite_steps``) and goes on, "stop" raises
-  ``NonFiniteError`` naming the step and the metric. Either way no non-finite
-  state reaches a checkpoint;
+- the non-finite guard (``config.nonfinite``), on every ``loss/*`` and
+  ``grad_norm*`` metric: "stop" raises ``NonFiniteError`` naming the step and
+  the metric before anything else is saved; "skip" (the stage compiles its step
+  with ``skip_nonfinite``, which keeps the old state) counts the step
+  (``train/nonfinite_steps``) and goes on. Either way no non-finite state
+  reaches a checkpoint;
 - ``config.profile_steps = "a,b"``: a ``jax.profiler`` trace of steps a..b in
   ``workdir/tensorboard`` (TensorBoard's profile plugin opens it);
 - a clean shutdown: pending checkpoint saves finish, writers and data workers close.
@@ -53,7 +54,6 @@ from muse_jax.train import metrics as metrics_lib
 # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry".
 # A launcher that sees it re-runs the same command, which resumes.
 PREEMPTED_EXIT_CODE = 75
-NONFINITE_FLAG = "nonfinite"   # metric added by skip_nonfinite; consumed by the loop
 
 
 class Preempted(Exception):
@@ -95,26 +95,32 @@ class Stage:
   headline: tuple[str, ...] = ()                      # metrics shown on the progress line
 
 
+def guarded(name: str) -> bool:
+  """The metrics the non-finite guard watches: losses and gradient norms."""
+  return name.startswith(("loss/", "grad_norm"))
+
+
 def skip_nonfinite(step_fn: Callable) -> Callable:
   """Wraps ``step(state, *args) -> (new_state, metrics, *rest)`` (before ``jax.jit``)
-  so that a step whose ``loss/*`` or ``grad_norm*`` metrics are not all finite
-  returns the old state unchanged, and reports that as ``metrics["nonfinite"]``."""
+  so that a step whose guarded metrics are not all finite returns the old state.
+  Stages use it under ``config.nonfinite = "skip"`` only: the select is part of the
+  compiled step and may change its rounding in the last bit, and "stop" needs no
+  select (the loop stops before a non-finite state is saved)."""
 
   @functools.wraps(step_fn)
-  def guarded(state, *args, **kwargs):
+  def guarded_step(state, *args, **kwargs):
     new, metrics, *rest = step_fn(state, *args, **kwargs)
-    checked = [jnp.all(jnp.isfinite(v)) for k, v in metrics.items()
-               if k.startswith(("loss/", "grad_norm"))]
-    finite = jnp.all(jnp.stack(checked))
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for k, v in metrics.items()
+                                if guarded(k)]))
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-    return (new, dict(metrics, **{NONFINITE_FLAG: jnp.logical_not(finite)}), *rest)
+    return (new, metrics, *rest)
 
-  return guarded
+  return guarded_step
 
 
 class _NonFiniteGuard:
-  """Reads each step's non-finite flag one step late (so that the host does not
-  wait for every step), and at once before anything is logged or saved."""
+  """Reads each step's losses and gradient norms one step late (so that the host
+  does not wait for every step), and at once before anything is logged or saved."""
 
   def __init__(self, mode: str):
     self.mode = mode
@@ -123,24 +129,23 @@ class _NonFiniteGuard:
 
   def push(self, step: int, metrics: dict) -> None:
     self.check()
-    if NONFINITE_FLAG in metrics:
-      self._pending = (step, metrics)
+    self._pending = (step, {k: v for k, v in metrics.items() if guarded(k)})
 
   def check(self) -> None:
     if self._pending is None:
       return
-    step, metrics = self._pending
+    step, watched = self._pending
     self._pending = None
-    if not bool(metrics[NONFINITE_FLAG]):
-      return
-    values = jax.device_get({k: v for k, v in metrics.items() if k != NONFINITE_FLAG})
+    values = jax.device_get(watched)
     bad = sorted(k for k, v in values.items() if not np.all(np.isfinite(v)))
+    if not bad:
+      return
     self.count += 1
     if self.mode == "stop":
       raise NonFiniteError(
           f"step {step}: {', '.join(f'{k}={float(values[k])}' for k in bad)} is not finite; "
-          "the update was not applied and no checkpoint after the last good one was written "
-          "(config.nonfinite='skip' skips such steps instead)")
+          "nothing after the last checkpoint was saved (config.nonfinite='skip' skips such "
+          "steps instead)")
     logging.warning("step %d: non-finite %s; update skipped (%d so far)", step,
                     ", ".join(bad), self.count)
 
@@ -284,8 +289,7 @@ def _train(config, workdir, make_stage, stop_after, profile_steps, preemption, p
       profiler.after(step, state)
       if _every(step, config.log_every) or step == end:
         guard.check()
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()
-                   if k != NONFINITE_FLAG}
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(stage.log_metrics())
         scalars.update({k: float(v) for k, v in batches.counters().items()})
         if config.nonfinite == "skip":

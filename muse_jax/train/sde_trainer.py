@@ -129,8 +129,8 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
   """Returns jitted ``train_step(state, lpips_params, images, use_gan)`` and
   ``eval_step(state, images)``. LPIPS weights are an argument, not state: they are
   fixed and come from ``config.lpips_checkpoint``, not from the run's checkpoints.
-  A train step whose loss or gradient norm is not finite returns the state it was
-  given (``loop.skip_nonfinite``; the loop decides whether to go on)."""
+  Under ``config.nonfinite = "skip"`` a train step whose loss or gradient norm is
+  not finite returns the state it was given (``loop.skip_nonfinite``)."""
   lc = config.loss
   cfg = models.model_cfg
   entropy_t = lc.entropy_temperature if lc.entropy_weight else None
@@ -210,7 +210,8 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
 
   replicated = NamedSharding(mesh, P())
   batch = sharding.batch_sharding(mesh)
-  return (sharding.jit_sharded(loop_lib.skip_nonfinite(train_step), mesh,
+  step = loop_lib.skip_nonfinite(train_step) if config.nonfinite == "skip" else train_step
+  return (sharding.jit_sharded(step, mesh,
                                static_argnames="use_gan", donate_argnums=0,
                                in_shardings=(state_shardings, lpips_shardings, batch),
                                out_shardings=(state_shardings, replicated, replicated)),
