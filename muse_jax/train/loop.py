@@ -300,7 +300,7 @@ def _train(config, workdir, make_stage, stop_after, profile_steps, preemption, p
       if _every(step, config.eval_every) or step == config.total_steps:
         guard.check()
         last.update(stage.evaluate(state, step, writer, workdir))
-      preempted = preemption.reached(step)
+      preempted = preemption.reached(step) and step < config.total_steps
       if _every(step, config.checkpoint_every) or step == end or preempted:
         guard.check()
         ckpt.save(step, state, batches.get_state())   # asynchronous: the next step goes on
