@@ -23,12 +23,15 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8,<0.9",
     "transformers>=5.23,<6",         # Hugging Face configs and tokenizers
     "pyarrow>=20",                   # recaption parquet files
+    "etils[epath]>=1.15,<2",         # workdir I/O, local or gs://
+    "gcsfs>=2026.10,<2027",          # gs:// for etils.epath (Orbax's arrays use tensorstore)
 ]
 
 EXTRAS = {
     "test": [
         "pytest>=9,<10",
         "torch==2.13.0",             # numerical reference only; CPU wheel
+        "gcp-storage-emulator>=2026.7,<2027",   # local GCS for the gs:// workdir test
     ],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
 }

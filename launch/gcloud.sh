@@ -13,8 +13,10 @@
 # finds its peers (TPU VMs need no coordinator address), and logs to
 # ~/muse_jax_run.log on each worker. The workdir should be a gs:// path: every
 # worker must see the same checkpoints. Re-running `run` with the same workdir
-# resumes from the latest checkpoint. (Not exercised in CI: it needs gcloud and a
-# TPU quota; `bash -n` and the usage text are all that run here.)
+# resumes from the latest checkpoint; a run preempted by SIGTERM (maintenance,
+# spot) saves a checkpoint and exits with code 75: `run` it again to continue.
+# (Not exercised in CI: it needs gcloud and a TPU quota; `bash -n` and the usage
+# text are all that run here.)
 set -euo pipefail
 
 usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }

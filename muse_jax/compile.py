@@ -10,12 +10,13 @@ per v5p chip; ``v5litepod-16`` / ``v5e-16`` and ``v6e-64`` count chips) or a
 raw ``v5p:4x4x4``; ``--num_slices`` > 1 makes a multi-slice (DCN) system, with
 data parallelism across slices unless ``config.mesh.dcn_*`` says otherwise.
 
-``jax.experimental.topologies`` describes the slice's devices; the trainer's own
-``setup`` builds the mesh over them, and its initialiser and train step are
-lowered with abstract (shape-only) arguments and compiled by XLA:TPU. Nothing is
-allocated. Per device it prints what XLA reports: arguments, outputs, the part
-of the outputs aliased to donated arguments, temporaries, code, and the peak
-(arguments + outputs - aliased + temporaries + code) against the chip's HBM.
+``jax.experimental.topologies`` describes the slice's devices; the stage's own
+``setup`` (``muse_jax/train/stages.py``) builds the mesh over them, and its
+initialiser and train step are lowered with abstract (shape-only) arguments and
+compiled by XLA:TPU. Nothing is allocated. Per device it prints what XLA reports:
+arguments, outputs, the part of the outputs aliased to donated arguments,
+temporaries, code, and the peak (arguments + outputs - aliased + temporaries +
+code) against the chip's HBM.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ml_collections import config_flags
 
 from muse_jax import config_lib
 from muse_jax.parallel import sharding
+from muse_jax.train import stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sde_256.py",
                                           lock_config=True)
@@ -110,12 +112,6 @@ def tpu_devices(topology: str, num_slices: int):
   return desc.devices
 
 
-def trainer_setups():
-  """config.trainer -> setup(config, mesh) with ``aot_programs(config)``."""
-  from muse_jax.train import llm_trainer, sde_trainer
-  return {"sde": sde_trainer.setup, "llm": llm_trainer.setup}
-
-
 def memory_report(compiled, hbm_bytes: int) -> dict[str, float]:
   m = compiled.memory_analysis()
   row = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
@@ -137,11 +133,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1,
     mesh_config = mesh_config.copy_and_resolve_references()
     mesh_config.dcn_data = num_slices
   mesh = sharding.make_mesh(mesh_config, devices)
-  setups = trainer_setups()
-  if config.trainer not in setups:
-    raise config_lib.ConfigError(f"config.trainer: {config.trainer!r} has no compiled programs; "
-                                 f"use one of {sorted(setups)}")
-  run = setups[config.trainer](config, mesh)
+  run = stages.stage_module(config.get("trainer")).setup(config, mesh)
   reports = {}
   available = run.aot_programs(config)
   unknown = sorted(set(programs) - set(available))

@@ -57,6 +57,36 @@ def parse_arg(arg: str | None) -> dict[str, str]:
   return out
 
 
+NONFINITE_MODES = ("stop", "skip")
+
+
+def loop_defaults(c: ml_collections.ConfigDict) -> None:
+  """The training loop's fields (``muse_jax/train/loop.py``), shared by every stage."""
+  c.log_every = 50
+  c.eval_every = 5_000
+  c.checkpoint_every = 5_000
+  c.keep_checkpoints = 3
+  c.nonfinite = "stop"             # stop | skip: what a non-finite loss or gradient norm does
+  c.profile_steps = ""             # "a,b": jax.profiler trace of steps a..b (workdir/tensorboard)
+
+
+def validate_loop(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """Checks the loop's fields; returns the profiled (first, last) steps, or None."""
+  check(c.nonfinite in NONFINITE_MODES, "nonfinite", f"{c.nonfinite!r} is not a mode",
+        f"use one of {NONFINITE_MODES}")
+  for field in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    check(c[field] >= 1, field, f"{c[field]}", "use a positive number")
+  if not c.profile_steps:
+    return None
+  parts = [p.strip() for p in str(c.profile_steps).split(",")]
+  check(len(parts) == 2 and all(p.isdigit() for p in parts), "profile_steps",
+        f"{c.profile_steps!r} is not two step numbers", "use first,last, e.g. 10,15")
+  first, last = int(parts[0]), int(parts[1])
+  check(1 <= first <= last, "profile_steps", f"{c.profile_steps!r}",
+        "use 1 <= first <= last, e.g. 10,15")
+  return first, last
+
+
 def sde_defaults() -> ml_collections.ConfigDict:
   """Everything of an SDE tokenizer run except model shapes and data (LlamaGen defaults)."""
   c = ml_collections.ConfigDict()
@@ -89,10 +119,7 @@ def sde_defaults() -> ml_collections.ConfigDict:
   c.lpips_width_divisor = 1        # >1 narrows VGG16 (CPU demos only; real weights need 1)
   c.siglip_checkpoint = ""         # converted SigLIP tower: initialises both encoders
   c.replicate_frozen = False       # True: semantic encoder + LPIPS whole on every device
-  c.log_every = 50
-  c.eval_every = 5_000
-  c.checkpoint_every = 5_000
-  c.keep_checkpoints = 3
+  loop_defaults(c)
   c.usage_window = 1_000           # steps over which codebook usage is measured
   c.num_grid_images = 8
   return c
@@ -272,6 +299,7 @@ def llm_defaults(preset: str) -> ml_collections.ConfigDict:
   c.batch_size = 256                # global, packed rows
   c.seq_len = 2048
   c.loss_chunk = 512                # sequence positions per cross-entropy chunk
+  loop_defaults(c)
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.0,             # AdamW (decoupled); the paper gives no decay

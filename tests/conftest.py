@@ -4,8 +4,10 @@ import argparse
 import importlib.util
 import os
 import pathlib
+import socket
 
 import tempfile
+from http import HTTPStatus
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -62,12 +64,38 @@ def config_loader():
   return load_config
 
 
+def _download_like_gcs(download):
+  """gcp-storage-emulator's media download, plus two things GCS does that tensorstore's
+  OCDBT (Orbax's array store) relies on: the ``x-goog-generation`` header, and 304
+  Not Modified for ``ifGenerationNotMatch`` equal to the object's generation."""
+  from gcp_storage_emulator.exceptions import NotFound
+
+  def handler(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except NotFound:
+      return download(request, response, storage, *args, **kwargs)   # its 404
+    if request.query.get("ifGenerationNotMatch", [None])[0] == obj["generation"]:
+      response.status = HTTPStatus.NOT_MODIFIED
+      return None
+    response["x-goog-generation"] = obj["generation"]
+    return download(request, response, storage, *args, **kwargs)
+  return handler
+
+
 @pytest.fixture
 def gcs_emulator(monkeypatch):
-  """A GCS emulator in this process (memory only) with bucket ``muse-test``; the env
-  points gcsfs (etils.epath) and tensorstore at it. Returns that env."""
-  server_lib = pytest.importorskip("gcp_storage_emulator.server")
-  import socket
+  """A GCS emulator in this process (memory only) with bucket ``muse-test``; the
+  env points gcsfs (etils.epath) and tensorstore (Orbax's arrays) at it."""
+  from gcp_storage_emulator import server as server_lib
+  from gcp_storage_emulator.handlers import objects
+  original = objects.download
+  patched = _download_like_gcs(original)
+  monkeypatch.setattr(objects, "download", patched)     # objects.get calls it by name
+  for _, methods in server_lib.HANDLERS:                # the routes hold it directly
+    for method, handler in list(methods.items()):
+      if handler is original:
+        monkeypatch.setitem(methods, method, patched)
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]

@@ -2,9 +2,13 @@
 
 Each step directory holds two items: ``state`` (a pytree of arrays: step,
 parameters, optimiser states) and ``data`` (the input pipeline's JSON state), so
-a resumed run continues on exactly the batches it would have seen. Orbax writes
-into a temporary directory and renames it when complete, so a run killed during a
-save resumes from the previous complete checkpoint.
+a resumed run continues on exactly the batches it would have seen. Saves are
+asynchronous: ``save`` returns once the arrays are copied off the devices, and
+the files are written in the background while training goes on. Orbax writes
+into a temporary directory and renames it when complete (on object stores, where
+renames do not exist, it marks a complete save with a commit file), so a run
+killed during a save resumes from the previous complete checkpoint. The
+directory may be local or ``gs://`` (``etils.epath``).
 
 Before restoring, every array's shape is compared with what the current config
 builds; a mismatch names the tensor and both shapes instead of failing deep in
@@ -19,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,11 +63,18 @@ def check_shapes(expected: Any, found: Any, where: str) -> None:
 class Checkpointer:
   """Interval + final saves of (state, data state); keeps the last ``keep``."""
 
-  def __init__(self, directory: str, *, keep: int = 3):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str | epath.Path, *, keep: int = 3,
+               clean_incomplete: bool = False):
+    """``clean_incomplete``: delete saves a kill interrupted (local ``*.orbax-checkpoint-tmp*``
+    directories; on object stores, step directories without Orbax's commit file), so
+    that their steps are later written afresh. Only for the run that owns the
+    directory: a reader must not delete a live run's save in progress."""
+    self.directory = as_path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=clean_incomplete),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
 
@@ -89,9 +101,17 @@ class Checkpointer:
     self._manager.close()
 
 
-def save_config(config, workdir: str) -> None:
+def as_path(path: str | epath.Path) -> epath.Path:
+  """Local paths made absolute (Orbax needs that); object-store URLs (gs://...) kept."""
+  if isinstance(path, epath.Path) or "://" in str(path):
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(path))
+
+
+def save_config(config, workdir: str | epath.Path) -> None:
   """The resolved config as ``workdir/config.json`` (what inference tools rebuild from)."""
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir = as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+

@@ -29,6 +29,9 @@ class MetricWriter:
   def flush(self) -> None: ...
   def close(self) -> None: ...
 
+  def restart(self, step: int) -> None:
+    """A resumed run logs ``step`` and later again: readers drop what was logged there before."""
+
 
 class TensorBoardWriter(MetricWriter):
 
@@ -66,6 +69,12 @@ class TensorBoardWriter(MetricWriter):
       values.append(summary_pb2.Summary.Value(
           tag=tag, tensor=tensor, metadata=summary_pb2.SummaryMetadata(plugin_data=plugin)))
     self._add(step, values)
+
+  def restart(self, step):
+    # TensorBoard purges the events at >= step it read before a SessionLog.START at step
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                           session_log=event_pb2.SessionLog(
+                                               status=event_pb2.SessionLog.START)))
 
   def flush(self):
     self._writer.flush()

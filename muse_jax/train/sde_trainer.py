@@ -1,9 +1,11 @@
-"""SDE tokenizer training stage: state, jitted steps, and the loop.
+"""SDE tokenizer training stage: state, jitted steps, and the stage the loop runs.
 
 One train step updates the generator (tokenizer) and, once ``loss.disc_start``
 is reached, the PatchGAN discriminator. Before that step the GAN is not merely
 weighted by zero: the step is compiled without it, so early training pays
-nothing for the discriminator.
+nothing for the discriminator. ``stage(config, mesh)`` hands these pieces to the
+shared loop (``muse_jax/train/loop.py``), which resumes, logs, evaluates,
+checkpoints and handles preemption; the codebook-usage metric stays here.
 
 The step is a pure function of (state, batch): there is no dropout or noise,
 and the data pipeline's randomness lives in its own checkpointed state, so a
@@ -15,9 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import logging
-import os
 from typing import Any
 
 import jax
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
@@ -37,6 +38,7 @@ from muse_jax.models import lpips as lpips_lib
 from muse_jax.models import sde as sde_lib
 from muse_jax.parallel import sharding
 from muse_jax.train import checkpoint as checkpoint_lib
+from muse_jax.train import loop as loop_lib
 from muse_jax.train import losses
 from muse_jax.train import metrics as metrics_lib
 from muse_jax.train import optimizers
@@ -128,7 +130,9 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
                state_shardings: Any, lpips_shardings: Any):
   """Returns jitted ``train_step(state, lpips_params, images, use_gan)`` and
   ``eval_step(state, images)``. LPIPS weights are an argument, not state: they are
-  fixed and come from ``config.lpips_checkpoint``, not from the run's checkpoints."""
+  fixed and come from ``config.lpips_checkpoint``, not from the run's checkpoints.
+  Under ``config.nonfinite = "skip"`` a train step whose loss or gradient norm is
+  not finite returns the state it was given (``loop.skip_nonfinite``)."""
   lc = config.loss
   cfg = models.model_cfg
   entropy_t = lc.entropy_temperature if lc.entropy_weight else None
@@ -208,7 +212,9 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
 
   replicated = NamedSharding(mesh, P())
   batch = sharding.batch_sharding(mesh)
-  return (sharding.jit_sharded(train_step, mesh, static_argnames="use_gan", donate_argnums=0,
+  step = loop_lib.skip_nonfinite(train_step) if config.nonfinite == "skip" else train_step
+  return (sharding.jit_sharded(step, mesh,
+                               static_argnames="use_gan", donate_argnums=0,
                                in_shardings=(state_shardings, lpips_shardings, batch),
                                out_shardings=(state_shardings, replicated, replicated)),
           sharding.jit_sharded(eval_step, mesh, in_shardings=(state_shardings, batch, batch),
@@ -245,7 +251,8 @@ class CodebookUsage:
 
 
 def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
-             writer: metrics_lib.MetricWriter, step: int, workdir: str) -> dict[str, float]:
+             writer: metrics_lib.MetricWriter, step: int,
+             workdir: str | epath.Path) -> dict[str, float]:
   """Reconstruction metrics over the held-out images, in batches of the train batch size.
 
   Every process runs the same number of eval steps (ceil(num_eval_images / batch));
@@ -279,10 +286,11 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
   writer.write_scalars(step, scalars)
   if first is not None and jax.process_index() == 0:
     writer.write_images(step, {"eval/inputs_vs_reconstructions": first})
-    os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
-    Image.fromarray(first).save(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"))
-    with open(os.path.join(workdir, "eval_history.jsonl"), "a") as f:
-      f.write(json.dumps(dict(step=step, num_images=count, **scalars)) + "\n")
+    workdir = checkpoint_lib.as_path(workdir)
+    (workdir / "reconstructions").mkdir(parents=True, exist_ok=True)
+    with (workdir / "reconstructions" / f"step_{step:08d}.png").open("wb") as f:
+      Image.fromarray(first).save(f, format="PNG")
+    loop_lib.append_eval_history(workdir, dict(step=step, num_images=count, **scalars))
   writer.flush()
   logging.info("eval at step %d over %d images: %s", step, count,
                ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
@@ -335,71 +343,51 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
       train_step=train_step, eval_step=eval_step)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_after: int | None = None) -> dict[str, Any]:
-  """Trains (or resumes) the SDE tokenizer; returns the final state and last metrics.
-
-  ``stop_after`` ends the loop after that many steps of this call (tests use it
-  to simulate a killed run); a checkpoint is written where it stops.
-  """
-  config_lib.validate_sde(config)
+def stage(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop_lib.Stage:
+  """The SDE stage for the shared loop: ``setup``'s pieces, the pretrained weights,
+  the image pipeline, and the codebook-usage metric."""
   data_lib.validate_config(config.data)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  is_lead = process_index == 0
-
-  mesh = sharding.make_mesh(config.mesh)
   run = setup(config, mesh)
   models = run.models
-  state, lpips_params = run.init()
-  lpips_params = load_pretrained(run, state, lpips_params)
-
-  pipeline = data_lib.build_train_pipeline(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=process_index, process_count=process_count)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.keep_checkpoints)
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(start, run.abstract_state)
-    pipeline.set_state(data_state)
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
-  start = int(state["step"])
-  # only now: a restart whose config does not fit the checkpoints must not replace it
-  checkpoint_lib.save_config(config, workdir)
-
-  writer = (metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard")) if is_lead
-            else metrics_lib.MetricWriter())
-  train_step, eval_step = run.train_step, run.eval_step
-  batch_sharding = run.batch_sharding
+  lpips_params = None
   usage = CodebookUsage(config.model.codebook_size, config.usage_window)
-  progress = metrics_lib.ProgressLine(config.total_steps, start)
-  pending_counts, last = [], {}
-  if start == 0:
-    last.update(evaluate(eval_step, state, config, mesh, writer, 0, workdir))
+  pending_counts = []
 
-  end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
-  step = start
-  for step in range(start + 1, end + 1):
-    batch = next(pipeline)
+  def init():
+    nonlocal lpips_params
+    state, lpips_params = run.init()
+    lpips_params = load_pretrained(run, state, lpips_params)
+    return state
+
+  def batches(process_index: int, process_count: int):
+    return data_lib.build_train_pipeline(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        process_index=process_index, process_count=process_count)
+
+  def step(state, batch, step: int):
     use_gan = models.has_disc and step > config.loss.disc_start
-    images = sharding.global_batch(batch["image"], batch_sharding)
-    state, scalars, counts = train_step(state, lpips_params, images, use_gan)
+    images = sharding.global_batch(batch["image"], run.batch_sharding)
+    state, metrics, counts = run.train_step(state, lpips_params, images, use_gan)
     pending_counts.append(counts)
-    if step % config.log_every == 0 or step == end:
-      for c in jax.device_get(pending_counts):
-        usage.add(c)
-      pending_counts.clear()
-      scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
-      scalars["codebook/usage"] = usage.fraction()
-      scalars.update({k: float(v) for k, v in pipeline.counters().items()})
-      scalars["steps_per_second"] = progress.report(step, scalars, HEADLINE)
-      writer.write_scalars(step, scalars)
-      last.update(scalars)
-    if step % config.eval_every == 0 or step == config.total_steps:
-      last.update(evaluate(eval_step, state, config, mesh, writer, step, workdir))
-    if step % config.checkpoint_every == 0 or step == end:
-      ckpt.save(step, state, pipeline.get_state())
-  ckpt.close()
-  writer.close()
-  pipeline.close()
-  return {"state": state, "metrics": last, "step": step}
+    return state, metrics
+
+  def log_metrics():
+    for counts in jax.device_get(pending_counts):
+      usage.add(counts)
+    pending_counts.clear()
+    return {"codebook/usage": usage.fraction()}
+
+  def run_eval(state, step: int, writer, workdir):
+    return evaluate(run.eval_step, state, config, mesh, writer, step, workdir)
+
+  return loop_lib.Stage(abstract_state=run.abstract_state, init=init, batches=batches,
+                        step=step, evaluate=run_eval, log_metrics=log_metrics,
+                        headline=HEADLINE)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the SDE tokenizer with the shared loop; returns the final
+  state, the last logged metrics and the step (see ``loop.train``)."""
+  config_lib.validate_sde(config)
+  return loop_lib.train(config, workdir, stage, stop_after=stop_after)
