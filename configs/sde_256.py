@@ -35,4 +35,6 @@ def get_config(arg=None):
   if "demo" in args:
     config_lib.shrink_for_demo(c, image_size=64, patch_size=8)
     c.data = data.image_data_config(source="bundled", image_size=64, num_eval_images=4)
+    # 1024 entries for 512 tokens a step: restart what the encoder stops using
+    c.codebook.update(restart_after=20, usage_floor=0.5)
   return c
