@@ -18,6 +18,7 @@ def straight_and_resumed(tmp_path_factory):
   # the discriminator joins at step 5, after the restart point
   config = tiny_sde_config(batch_size=2, total_steps=6, disc_start=4)
   config.update(eval_every=3, checkpoint_every=3)
+  config.codebook.restart_after = 2    # 64 entries, 32 tokens a step: restarts every step
   straight_dir = str(tmp_path_factory.mktemp("straight"))
   resumed_dir = str(tmp_path_factory.mktemp("resumed"))
   straight = sde_trainer.train(config, straight_dir)
@@ -40,6 +41,38 @@ def test_resume_is_bit_exact(straight_and_resumed):
   assert straight["metrics"]["loss/total"] == resumed["metrics"]["loss/total"]
 
 
+def test_restarts_keep_every_entry_recently_used(straight_and_resumed):
+  config, straight_dir, _, straight, _, _ = straight_and_resumed
+  last_used = np.asarray(jax.device_get(straight["state"]["codebook"]["last_used"]))
+  assert np.all(6 - last_used < config.codebook.restart_after)
+  acc = event_accumulator.EventAccumulator(os.path.join(straight_dir, "tensorboard"),
+                                           size_guidance={"scalars": 0})
+  acc.Reload()
+  assert sum(e.value for e in acc.Scalars("codebook/restarted")) > 0
+
+
+def test_codebook_seeded_by_kmeans_plus_plus_from_first_batch():
+  from muse_jax import data as data_lib
+  from muse_jax.parallel import sharding
+  config = tiny_sde_config(batch_size=2, total_steps=2, disc_start=10)
+  config.codebook.update(init="kmeans++")
+  config.model.codebook_size = 16
+  run = sde_trainer.setup(config, sharding.make_mesh(config.mesh))
+  state, _ = run.init()
+
+  def pipeline():
+    return data_lib.build_train_pipeline(config.data, global_batch_size=2, seed=config.seed)
+
+  state = sde_trainer.seed_codebook_from_data(run, state, pipeline(), config)
+  book = np.asarray(jax.device_get(state["params"]["quantizer"]["codebook"][...]))
+  tokenizer = run.models.tokenizer(state["params"], state["frozen"])
+  features = np.asarray(tokenizer.features(next(pipeline())["image"])[0]).reshape(-1, 8)
+  # every entry is one of the first batch's 32 features, 16 distinct ones
+  distance = np.abs(book[:, None] - features[None]).max(-1)
+  assert np.all(distance.min(1) < 1e-5)
+  assert len(set(distance.argmin(1).tolist())) == 16
+
+
 def test_checkpoints_and_tensorboard(straight_and_resumed):
   _, straight_dir, _, _, _, _ = straight_and_resumed
   assert sorted(os.listdir(os.path.join(straight_dir, "checkpoints"))) == ["3", "6"]
@@ -51,7 +84,9 @@ def test_checkpoints_and_tensorboard(straight_and_resumed):
   for tag in ("loss/total", "loss/l2", "loss/lpips", "loss/semantic", "loss/codebook",
               "loss/commitment", "grad_norm/generator", "lr", "codebook/usage",
               "codebook/perplexity", "steps_per_second", "eval/psnr", "eval/ssim",
-              "loss/discriminator", "loss/generator_adv", "data/skipped_corrupt"):
+              "loss/discriminator", "loss/generator_adv", "data/skipped_corrupt",
+              "codebook/window_perplexity", "codebook/restarted", "eval/codebook_usage",
+              "eval/codebook_perplexity", "eval/dead_codes"):
     assert tag in tags["scalars"], tag
   assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4, 5, 6]
   assert [e.step for e in acc.Scalars("eval/psnr")] == [0, 3, 6]
@@ -59,6 +94,11 @@ def test_checkpoints_and_tensorboard(straight_and_resumed):
   usage = [e.value for e in acc.Scalars("codebook/usage")]
   assert all(0 < u <= 1 for u in usage)
   assert "eval/inputs_vs_reconstructions" in tags["images"]
+  assert [e.step for e in acc.Images("eval/code_frequencies")] == [0, 3, 6]
+  # eval usage counts the codes of both held-out images (2 x 16 tokens)
+  dead = acc.Scalars("eval/dead_codes")[-1].value
+  usage = acc.Scalars("eval/codebook_usage")[-1].value
+  assert 64 - 32 <= dead < 64 and usage == pytest.approx(1 - dead / 64)
   img = acc.Images("eval/inputs_vs_reconstructions")[-1]
   assert (img.height, img.width) == (2 * 32, 2 * 32)
 

@@ -159,7 +159,7 @@ def restart_dead_codes(book: jax.Array, last_used: jax.Array, features: jax.Arra
   """
   dead = step - last_used >= dead_after
   order = jax.random.permutation(key, features.shape[0])
-  rank = jnp.cumsum(dead.astype(jnp.int32)) - 1                       # j-th dead entry takes order[j mod N]
+  rank = jnp.cumsum(dead.astype(jnp.int32)) - 1   # the j-th dead entry takes order[j mod N]
   chosen = features[order[rank % features.shape[0]]].astype(jnp.float32)
   norms = jnp.linalg.norm(book.astype(jnp.float32), axis=-1)
   live = jnp.sum(jnp.where(dead, 0.0, norms)) / jnp.maximum(jnp.sum(~dead), 1)

@@ -176,7 +176,8 @@ def update_codebook(config: ml_collections.ConfigDict, state, params, opt_state,
 
 
 def _get_codebook(params) -> jax.Array:
-  return params["quantizer"]["codebook"][...]
+  """The raw codebook [K, d] (a ShapeDtypeStruct when ``params`` is abstract)."""
+  return params["quantizer"]["codebook"].get_value()
 
 
 def make_steps(models: Models, config: ml_collections.ConfigDict,
@@ -267,7 +268,7 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
     result["count"] = jnp.sum(valid)
     codes = out["quantized"].codes
     result["code_counts"] = code_perplexity(
-        codes, cfg.codebook_size, jnp.broadcast_to(valid[:, None], codes.shape).astype(jnp.int32))[0]
+        codes, cfg.codebook_size, jnp.broadcast_to(valid[:, None], codes.shape).astype(int))[0]
     if "reconstruction" in out:
       result["reconstruction"] = out["reconstruction"][:config.num_grid_images]
     return result
