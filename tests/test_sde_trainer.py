@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_sde_config
 from tensorboard.backend.event_processing import event_accumulator
 
+from muse_jax.parallel import sharding as sharding_lib
 from muse_jax.train import checkpoint as checkpoint_lib
 from muse_jax.train import sde_trainer
 
@@ -53,11 +54,10 @@ def test_restarts_keep_every_entry_recently_used(straight_and_resumed):
 
 def test_codebook_seeded_by_kmeans_plus_plus_from_first_batch():
   from muse_jax import data as data_lib
-  from muse_jax.parallel import sharding
   config = tiny_sde_config(batch_size=2, total_steps=2, disc_start=10)
   config.codebook.update(init="kmeans++")
   config.model.codebook_size = 16
-  run = sde_trainer.setup(config, sharding.make_mesh(config.mesh))
+  run = sde_trainer.setup(config, sharding_lib.make_mesh(config.mesh))
   state, _ = run.init()
 
   def pipeline():
@@ -134,3 +134,32 @@ def test_trained_tokenizer_loads_for_inference(straight_and_resumed):
   codes = tokenizer.encode(images)
   assert codes.shape == (2, 4, 4)
   assert tokenizer.decode(codes).shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("variant", ["ema", "simvq"])
+def test_codebook_variants_train(variant, tmp_path):
+  """EMA updates own the codebook (its entries are the moving averages), SimVQ
+  trains only the map (its basis stays as drawn)."""
+  config = tiny_sde_config(batch_size=2, total_steps=2, disc_start=10)
+  config.update(eval_every=100, checkpoint_every=100)
+  if variant == "ema":
+    config.codebook.update_rule = "ema"
+  else:
+    config.model.simvq = True
+  run = sde_trainer.setup(config, sharding_lib.make_mesh(config.mesh))
+  initial = jax.device_get(run.init()[0])
+  state = jax.device_get(sde_trainer.train(config, str(tmp_path))["state"])
+  if variant == "ema":
+    book = np.asarray(state["params"]["quantizer"]["codebook"][...])
+    count = np.asarray(state["codebook"]["ema_count"])
+    smoothed = (count + 1e-5) / (count.sum() + 64e-5) * count.sum()
+    np.testing.assert_allclose(book, np.asarray(state["codebook"]["ema_sum"]) / smoothed[:, None],
+                               rtol=1e-5)
+    assert np.abs(book - np.asarray(initial["params"]["quantizer"]["codebook"][...])).sum() > 0
+  else:
+    quantizer, before = state["params"]["quantizer"], initial["params"]["quantizer"]
+    assert "codebook" not in quantizer
+    np.testing.assert_array_equal(np.asarray(state["frozen"]["quantizer"]["basis"][...]),
+                                  np.asarray(initial["frozen"]["quantizer"]["basis"][...]))
+    assert np.abs(np.asarray(quantizer["codebook_map"][...])
+                  - np.asarray(before["codebook_map"][...])).sum() > 0
