@@ -339,27 +339,34 @@ def codebook_eval_scalars(counts: np.ndarray) -> dict[str, float]:
 def seed_codebook_from_data(run: Setup, state, pipeline, config: ml_collections.ConfigDict):
   """k-means++ seeding of the codebook from the encoder features of the first
   ``config.codebook.init_batches`` training batches (once, at step 0; the result
-  is a parameter, so checkpoints record it)."""
+  is a parameter, so checkpoints record it). Features stay global arrays, so
+  every process seeds the same codebook."""
   models = run.models
+  mesh = run.batch_sharding.mesh
+  replicated = NamedSharding(mesh, P())
 
   def features(params, frozen, images):
-    return models.tokenizer(params, frozen).features(images)[0]
+    f = models.tokenizer(params, frozen).features(images)[0]
+    return f.reshape(-1, f.shape[-1])
 
-  encode = sharding.jit_sharded(features, run.batch_sharding.mesh)
-  flat = np.concatenate([
-      np.asarray(jax.device_get(encode(state["params"], state["frozen"],
-                                       sharding.global_batch(next(pipeline)["image"],
-                                                             run.batch_sharding))))
-      for _ in range(config.codebook.init_batches)]).reshape(-1, models.model_cfg.code_dim)
-  book = jax.jit(quantizer_lib.kmeans_plus_plus, static_argnums=1)(
-      flat, models.model_cfg.codebook_size, codebook_key(config.seed, 0))
+  encode = sharding.jit_sharded(features, mesh, out_shardings=replicated)
+  batches = [encode(state["params"], state["frozen"],
+                    sharding.global_batch(next(pipeline)["image"], run.batch_sharding))
+             for _ in range(config.codebook.init_batches)]
   target = _get_codebook(run.abstract_state["params"])
-  state["params"] = _map_codebook_leaves(
-      lambda _: jax.device_put(book.astype(target.dtype), target.sharding), state["params"])
-  if "codebook" in state and "ema_sum" in state["codebook"]:
+
+  def seed(*batches):
+    book = quantizer_lib.kmeans_plus_plus(jnp.concatenate(batches), target.shape[0],
+                                          codebook_key(config.seed, 0))
+    return book.astype(target.dtype), book
+
+  book, book_f32 = jax.jit(seed, out_shardings=(target.sharding, replicated))(*batches)
+  state["params"] = _map_codebook_leaves(lambda _: book, state["params"])
+  if "ema_sum" in state.get("codebook", {}):
     state["codebook"]["ema_sum"] = jax.device_put(
-        book, run.abstract_state["codebook"]["ema_sum"].sharding)
-  logging.info("codebook seeded by k-means++ from %d encoder features", len(flat))
+        book_f32, run.abstract_state["codebook"]["ema_sum"].sharding)
+  logging.info("codebook seeded by k-means++ from %d encoder features",
+               sum(len(b) for b in batches))
   return state
 
 
