@@ -175,10 +175,12 @@ def ema_update(ema_count: jax.Array, ema_sum: jax.Array, codes: jax.Array,
   """Exponential moving averages of each entry's assignment count and feature sum
   (VQ-VAE-2); returns (count, sum, new entries = Laplace-smoothed sum / count)."""
   k = ema_count.shape[0]
-  one_hot = jax.nn.one_hot(codes.reshape(-1), k, dtype=jnp.float32)
+  codes = codes.reshape(-1)
   flat = features.reshape(-1, ema_sum.shape[1]).astype(jnp.float32)
-  ema_count = decay * ema_count + (1 - decay) * jnp.sum(one_hot, 0)
-  ema_sum = decay * ema_sum + (1 - decay) * one_hot.T @ flat
+  # segment sums, not a one-hot matmul: [N, K] would not fit at K = 32768
+  counts = jnp.bincount(codes, length=k).astype(jnp.float32)
+  ema_count = decay * ema_count + (1 - decay) * counts
+  ema_sum = decay * ema_sum + (1 - decay) * jax.ops.segment_sum(flat, codes, num_segments=k)
   total = jnp.sum(ema_count)
   smoothed = (ema_count + eps) / (total + k * eps) * total
   return ema_count, ema_sum, ema_sum / smoothed[:, None]

@@ -384,7 +384,9 @@ def code_histogram(counts: np.ndarray, width: int = 512, height: int = 128) -> n
 
 def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
              writer: metrics_lib.MetricWriter, step: int, workdir: str) -> dict[str, float]:
-  """Reconstruction metrics over the held-out images, in batches of the train batch size.
+  """Reconstruction metrics over the held-out images, in batches of the train batch size,
+  and codebook usage, perplexity and dead entries over all their codes (with a
+  code-frequency chart for TensorBoard).
 
   Every process runs the same number of eval steps (ceil(num_eval_images / batch));
   a process out of images feeds zeros that a validity mask drops.
