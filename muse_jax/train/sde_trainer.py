@@ -318,9 +318,10 @@ class CodebookUsage:
     return float(np.mean(self._counts > 0))
 
   def scalars(self, floor: float, step: int) -> dict[str, float]:
-    """Window usage and perplexity for the logs; warns when usage is under ``floor``."""
+    """Window usage and perplexity for the logs; warns when usage over a full
+    window is under ``floor`` (a partial window under-counts by construction)."""
     fraction = self.fraction()
-    if fraction < floor:
+    if fraction < floor and len(self._history) >= self._window:
       logging.warning("step %d: codebook usage %.1f%% over the last %d steps is below "
                       "config.codebook.usage_floor %.1f%% (consider config.codebook."
                       "restart_after, or model.simvq)", step, 100 * fraction,
