@@ -163,3 +163,25 @@ def test_codebook_variants_train(variant, tmp_path):
                                   np.asarray(initial["frozen"]["quantizer"]["basis"][...]))
     assert np.abs(np.asarray(quantizer["codebook_map"][...])
                   - np.asarray(before["codebook_map"][...])).sum() > 0
+
+
+def test_usage_window_warns_below_floor_and_eval_counts(caplog):
+  usage = sde_trainer.CodebookUsage(codebook_size=4, window=2)
+  usage.add(np.array([3, 0, 0, 0]))
+  assert usage.scalars(0.5, step=1)["codebook/usage"] == 0.25
+  assert not caplog.records                       # a partial window does not warn
+  usage.add(np.array([1, 0, 0, 0]))
+  with caplog.at_level("WARNING"):
+    scalars = usage.scalars(0.5, step=2)
+  assert scalars == {"codebook/usage": 0.25, "codebook/window_perplexity": 1.0}
+  assert "usage 25.0%" in caplog.text and "usage_floor 50.0%" in caplog.text
+  usage.add(np.array([0, 2, 2, 0]))               # the first step leaves the window
+  caplog.clear()
+  assert usage.scalars(0.5, step=3)["codebook/usage"] == 0.75 and not caplog.records
+  ev = sde_trainer.codebook_eval_scalars(np.array([2, 2, 0, 0]))
+  assert ev == {"eval/codebook_usage": 0.5, "eval/codebook_perplexity": pytest.approx(2.0),
+                "eval/dead_codes": 2.0}
+  chart = sde_trainer.code_histogram(np.array([0, 5, 1, 0]), width=4, height=10)
+  assert chart.shape == (10, 4, 3) and chart.dtype == np.uint8
+  # ranked: the most used entry fills its column, dead entries stay blank
+  assert np.all(chart[:, 0] == 40) and np.all(chart[:, 2:] == 255)
