@@ -146,6 +146,7 @@ def test_codebook_variants_train(variant, tmp_path):
     config.codebook.update_rule = "ema"
   else:
     config.model.simvq = True
+    config.codebook.restart_after = 0    # the demo's restarts write entries SimVQ derives
   run = sde_trainer.setup(config, sharding_lib.make_mesh(config.mesh))
   initial = jax.device_get(run.init()[0])
   state = jax.device_get(sde_trainer.train(config, str(tmp_path))["state"])
