@@ -121,6 +121,15 @@ def sde_defaults() -> ml_collections.ConfigDict:
   c.replicate_frozen = False       # True: semantic encoder + LPIPS whole on every device
   loop_defaults(c)
   c.usage_window = 1_000           # steps over which codebook usage is measured
+  # Codebook health; the paper's recipe is the default: plain gradient updates, no restarts.
+  c.codebook = ml_collections.ConfigDict(dict(
+      init="uniform",              # uniform [-1/K, 1/K) | kmeans++ (seeded from data at step 0)
+      init_batches=1,              # training batches whose features seed kmeans++
+      update_rule="gradient",      # gradient (codebook loss) | ema (VQ-VAE-2 moving averages)
+      ema_decay=0.99,
+      restart_after=0,             # >0: entries unused this many steps move to recent features
+      usage_floor=0.1,             # console warning when window usage falls below this
+  ))
   c.num_grid_images = 8
   return c
 
@@ -135,6 +144,7 @@ def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_h
                    drop_partial_patches=drop_partial_patches),
       codebook_size=32768,
       code_dim=8,
+      simvq=False,                 # entries = frozen random basis @ learned map (SimVQ)
       semantic_decoder=dict(depth=3, width=width, num_heads=num_heads, mlp_dim=mlp_dim),
       decoder=dict(z_channels=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3,
                    norm_groups=32),
@@ -189,7 +199,7 @@ def sde_model_config(c: ml_collections.ConfigDict) -> sde_lib.SDEConfig:
       encoder=encoder, decoder=decoder, mode=m.mode, codebook_size=m.codebook_size,
       code_dim=m.code_dim, semantic_decoder_depth=sd.depth, semantic_decoder_width=sd.width,
       semantic_decoder_heads=sd.num_heads, semantic_decoder_mlp_dim=sd.mlp_dim,
-      vq_impl=m.vq_impl)
+      vq_impl=m.vq_impl, simvq=m.simvq)
 
 
 def discriminator_config(c: ml_collections.ConfigDict) -> discriminator_lib.DiscriminatorConfig:
@@ -270,10 +280,31 @@ def validate_sde(c: ml_collections.ConfigDict) -> None:
   check(c.lpips_width_divisor >= 1 and 64 % c.lpips_width_divisor == 0, "lpips_width_divisor",
         f"{c.lpips_width_divisor}", "use 1, 2, 4, 8, 16, 32 or 64")
   check(c.total_steps >= 1, "total_steps", f"{c.total_steps}", "train for at least one step")
+  _validate_codebook(c)
   if "data" in c and c.data.get("image_size", enc.image_size) != enc.image_size:
     raise ConfigError(
         f"config.data.image_size: {c.data.image_size} differs from model.encoder.image_size "
         f"{enc.image_size}; set both to the same value")
+
+
+def _validate_codebook(c: ml_collections.ConfigDict) -> None:
+  cb = c.codebook
+  check(cb.init in ("uniform", "kmeans++"), "codebook.init", f"{cb.init!r} is unknown",
+        "use 'uniform' or 'kmeans++'")
+  check(cb.update_rule in ("gradient", "ema"), "codebook.update_rule",
+        f"{cb.update_rule!r} is unknown", "use 'gradient' or 'ema'")
+  check(cb.init_batches >= 1, "codebook.init_batches", f"{cb.init_batches}",
+        "use at least one batch")
+  check(0.0 < cb.ema_decay < 1.0, "codebook.ema_decay", f"{cb.ema_decay}",
+        "use a decay in (0, 1), e.g. 0.99")
+  check(cb.restart_after >= 0, "codebook.restart_after", f"{cb.restart_after}",
+        "use 0 (off) or a positive number of steps")
+  direct = cb.init != "uniform" or cb.update_rule != "gradient" or cb.restart_after
+  check(not (c.model.simvq and direct), "model.simvq",
+        "SimVQ entries are a product (basis @ map), so codebook.init='kmeans++', "
+        "codebook.update_rule='ema' and codebook.restart_after cannot write them",
+        "set model.simvq=False, or keep codebook at init='uniform', update_rule='gradient', "
+        "restart_after=0")
 
 
 def llm_defaults(preset: str) -> ml_collections.ConfigDict:

@@ -17,6 +17,12 @@ from muse_jax import data
     (lambda c: c.model.encoder.update(num_heads=5), "config.model.encoder.width"),
     (lambda c: c.update(lpips_width_divisor=3), "config.lpips_width_divisor"),
     (lambda c: c.optimizer.update(schedule="linear"), "config.optimizer.schedule"),
+    (lambda c: c.codebook.update(init="normal"), "config.codebook.init"),
+    (lambda c: c.codebook.update(update_rule="kmeans"), "config.codebook.update_rule"),
+    (lambda c: c.codebook.update(ema_decay=1.0), "config.codebook.ema_decay"),
+    (lambda c: c.codebook.update(restart_after=-1), "config.codebook.restart_after"),
+    (lambda c: (c.model.update(simvq=True), c.codebook.update(restart_after=10)),
+     "config.model.simvq"),
 ])
 def test_impossible_config_names_field(config_loader, override, field):
   config = config_loader("sde_256")
@@ -43,6 +49,14 @@ def test_demo_configs_are_valid(config_loader):
     config_lib.validate_sde(config)
     data.validate_config(config.data)
     assert config.data.image_size == config.model.encoder.image_size
+
+
+def test_full_configs_keep_the_paper_codebook_recipe(config_loader):
+  """Fixed init, gradient updates, no restarts, no SimVQ: the paper's recipe."""
+  for name in ("sde_256", "sde_384"):
+    config = config_loader(name)
+    assert (config.codebook.init, config.codebook.update_rule, config.codebook.restart_after,
+            config.model.simvq) == ("uniform", "gradient", 0, False)
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):

@@ -1,12 +1,16 @@
-"""Vector quantizer: nearest code, tie-breaking, straight-through gradient, VQ losses."""
+"""Vector quantizer: nearest code, tie-breaking, straight-through gradient, VQ losses,
+initialisation, SimVQ, and the codebook updates (restart, k-means++, EMA)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from muse_jax.kernels import vq
+from muse_jax.models import layers
 from muse_jax.models import quantizer as quantizer_lib
+from muse_jax.models import sde as sde_lib
 
 
 def _brute_force(f, book):
@@ -95,3 +99,92 @@ def test_entropy_loss_rewards_confident_spread_assignments():
   # spread: ~0 per-token entropy, log 2 batch entropy; collapsed: ~0 both
   np.testing.assert_allclose(float(spread), -np.log(2), atol=1e-4)
   np.testing.assert_allclose(float(collapsed), 0.0, atol=1e-4)
+
+
+def _orthants(book):
+  return len({tuple(row) for row in (np.asarray(book) > 0).astype(int)})
+
+
+@pytest.mark.parametrize("simvq", [False, True])
+def test_initial_codes_cover_the_sphere(simvq):
+  """K >> 2^d entries hit every orthant and average to ~0 (a one-sided init range
+  puts them all in the positive orthant)."""
+  q = quantizer_lib.VectorQuantizer(4096, 8, rngs=nnx.Rngs(0), simvq=simvq)
+  book = np.asarray(q.entries())
+  assert _orthants(book) == 2 ** 8
+  assert np.linalg.norm(book.mean(0)) < 0.05
+  raw = np.asarray(q.basis[...] if simvq else q.codebook[...])
+  assert raw.min() >= -1 / 4096 and raw.max() < 1 / 4096
+
+
+def test_simvq_entries_are_basis_times_map_and_only_the_map_learns():
+  q = quantizer_lib.VectorQuantizer(32, 4, rngs=nnx.Rngs(1), simvq=True)
+  q.codebook_map[...] = jax.random.normal(jax.random.key(2), (4, 4))
+  product = np.asarray(q.basis[...]) @ np.asarray(q.codebook_map[...])
+  np.testing.assert_allclose(np.asarray(q.entries()),
+                             product / np.linalg.norm(product, axis=-1, keepdims=True),
+                             rtol=1e-5, atol=1e-6)
+  # the trainer's split: the basis is frozen state, only the map is a parameter
+  graphdef, trainable, rest = nnx.split(q, sde_lib.TRAINABLE, ...)
+  assert set(trainable.keys()) == {"codebook_map"} and "basis" in rest
+  f = layers.l2_normalize(jax.random.normal(jax.random.key(3), (20, 4)))
+  loss = lambda trainable: nnx.merge(graphdef, trainable, rest)(f).codebook_loss
+  grads = jax.grad(loss)(trainable)
+  assert np.abs(np.asarray(grads["codebook_map"][...])).sum() > 0
+  # one SGD step through the product changes every entry, the basis stays as drawn
+  stepped = jax.tree.map(lambda p, g: p - 0.1 * g, trainable, grads)
+  moved = nnx.merge(graphdef, stepped, rest)
+  np.testing.assert_array_equal(np.asarray(moved.basis[...]), np.asarray(q.basis[...]))
+  assert np.all(np.abs(np.asarray(moved.entries()) - np.asarray(q.entries())).sum(-1) > 0)
+
+
+def test_restart_moves_dead_codes_to_features_and_leaves_used_ones():
+  k, d, step, dead_after = 8, 4, 10, 3
+  book = jax.random.uniform(jax.random.key(0), (k, d), minval=-1.0, maxval=1.0)
+  last_used = jnp.array([10, 9, 7, 0, 10, 8, 2, 10], jnp.int32)   # dead: 2, 3, 6
+  features = layers.l2_normalize(jax.random.normal(jax.random.key(1), (5, d)))
+  new, new_last, dead = quantizer_lib.restart_dead_codes(
+      book, last_used, features, jnp.int32(step), jax.random.key(2), dead_after)
+  np.testing.assert_array_equal(np.asarray(dead), [0, 0, 1, 1, 0, 0, 1, 0])
+  live = ~np.asarray(dead)
+  np.testing.assert_array_equal(np.asarray(new)[live], np.asarray(book)[live])
+  np.testing.assert_array_equal(np.asarray(new_last), np.where(live, last_used, step))
+  # each dead entry now points at a distinct one of the features, at the live entries' scale
+  unit = np.asarray(layers.l2_normalize(new))[~live]
+  match = np.argmax(unit @ np.asarray(features).T, axis=1)
+  np.testing.assert_allclose(unit, np.asarray(features)[match], atol=1e-6)
+  assert len(set(match)) == 3
+  live_norm = np.linalg.norm(np.asarray(book)[live], axis=-1).mean()
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(new)[~live], axis=-1), live_norm,
+                             rtol=1e-5)
+  # the same key decides the same way (what makes a resumed run bit-exact)
+  again = quantizer_lib.restart_dead_codes(book, last_used, features, jnp.int32(step),
+                                           jax.random.key(2), dead_after)[0]
+  np.testing.assert_array_equal(np.asarray(again), np.asarray(new))
+
+
+def test_kmeans_plus_plus_seeds_one_entry_per_separated_cluster():
+  centres = np.eye(4, dtype=np.float32) * 10
+  noise = np.random.default_rng(0).normal(scale=0.01, size=(4, 50, 4)).astype(np.float32)
+  features = (centres[:, None] + noise).reshape(-1, 4)
+  seeds = np.asarray(quantizer_lib.kmeans_plus_plus(jnp.asarray(features), 4, jax.random.key(0)))
+  # every seed is a data row, and the four seeds land in the four clusters
+  assert all(np.any(np.all(features == s, axis=1)) for s in seeds)
+  assert sorted(np.argmax(seeds, axis=1).tolist()) == [0, 1, 2, 3]
+  # more entries than features: the rest are drawn uniformly, no NaN
+  more = quantizer_lib.kmeans_plus_plus(jnp.asarray(features[:3]), 5, jax.random.key(1))
+  assert np.all(np.isfinite(np.asarray(more)))
+
+
+def test_ema_update_moves_used_entries_towards_their_features():
+  count, total = jnp.ones(3), jnp.eye(3)
+  codes = jnp.array([0, 0, 2])
+  features = jnp.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+  new_count, new_sum, entries = quantizer_lib.ema_update(count, total, codes, features, 0.5)
+  np.testing.assert_allclose(np.asarray(new_count), [1.5, 0.5, 1.0])
+  np.testing.assert_allclose(np.asarray(new_sum),
+                             [[0.5, 1.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
+  # entries are the smoothed averages: entry 0 now leans towards its features
+  e = np.asarray(entries)
+  assert e[0, 1] > e[0, 0] > 0 and e[1, 1] > 0 and e[2, 2] > 0
+  np.testing.assert_allclose(e[0], np.asarray(new_sum)[0] / 1.5, rtol=1e-3)

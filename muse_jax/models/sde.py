@@ -46,6 +46,7 @@ class SDEConfig:
   semantic_decoder_heads: int = 16
   semantic_decoder_mlp_dim: int = 4096
   vq_impl: str = "auto"
+  simvq: bool = False
 
   @property
   def grid(self) -> int:
@@ -101,7 +102,7 @@ class SDETokenizer(nnx.Module):
                              if cfg.has_semantic_branch else None)
     self.quant_proj = layers.linear(enc.width, cfg.code_dim, ("embed", "code_dim"), **kw)
     self.quantizer = quantizer_lib.VectorQuantizer(
-        cfg.codebook_size, cfg.code_dim, rngs=rngs, impl=cfg.vq_impl,
+        cfg.codebook_size, cfg.code_dim, rngs=rngs, impl=cfg.vq_impl, simvq=cfg.simvq,
         param_dtype=enc.param_dtype)
     if cfg.has_image_branch:
       self.post_quant = layers.linear(cfg.code_dim, cfg.decoder.z_channels,

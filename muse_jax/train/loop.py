@@ -92,6 +92,9 @@ class Stage:
   step: Callable[[Any, Any, int], tuple[Any, dict]]  # (state, batch, step) -> (state, metrics)
   evaluate: Callable[[Any, int, metrics_lib.MetricWriter, epath.Path], dict]
   log_metrics: Callable[[], dict] = dict              # stage's host-side metrics at each log
+  # (state, batches) -> state, once, when no checkpoint exists: data-dependent
+  # initialisation (it may draw batches; their position is in every checkpoint)
+  fresh_start: Callable[[Any, Batches], Any] | None = None
   headline: tuple[str, ...] = ()                      # metrics shown on the progress line
 
 
@@ -265,6 +268,8 @@ def _train(config, workdir, make_stage, stop_after, profile_steps, preemption, p
     state, data_state = ckpt.restore(start, stage.abstract_state)
     batches.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
+  elif stage.fresh_start is not None:
+    state = stage.fresh_start(state, batches)
   start = start or 0
   checkpoint_lib.save_config(config, workdir)   # only now: see the module docstring
 

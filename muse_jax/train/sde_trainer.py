@@ -35,6 +35,7 @@ from muse_jax import data as data_lib
 from muse_jax import weights
 from muse_jax.models import discriminator as discriminator_lib
 from muse_jax.models import lpips as lpips_lib
+from muse_jax.models import quantizer as quantizer_lib
 from muse_jax.models import sde as sde_lib
 from muse_jax.parallel import sharding
 from muse_jax.train import checkpoint as checkpoint_lib
@@ -116,12 +117,71 @@ def load_pretrained(run: Setup, state: dict[str, Any], lpips_params: Any) -> Any
   return lpips_params
 
 
-def code_perplexity(codes: jax.Array, codebook_size: int) -> tuple[jax.Array, jax.Array]:
-  """(per-code counts [K], perplexity exp(H) of the batch's code distribution)."""
-  counts = jnp.bincount(codes.reshape(-1), length=codebook_size)
-  p = counts / jnp.maximum(jnp.sum(counts), 1)
-  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  return counts, jnp.exp(entropy)
+def code_perplexity(codes: jax.Array, codebook_size: int, weights: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(per-code counts [K], perplexity exp(H) of the batch's code distribution);
+  ``weights`` (shaped like ``codes``) counts only some positions (eval padding)."""
+  counts = jnp.bincount(codes.reshape(-1), None if weights is None else weights.reshape(-1),
+                        length=codebook_size)
+  return counts, perplexity_of(counts)
+
+
+def perplexity_of(counts):
+  """exp(entropy) of the distribution ``counts`` [K] (jax or numpy) describes."""
+  xp = jnp if isinstance(counts, jax.Array) else np
+  p = counts / xp.maximum(xp.sum(counts), 1)
+  entropy = -xp.sum(xp.where(p > 0, p * xp.log(xp.where(p > 0, p, 1.0)), 0.0))
+  return xp.exp(entropy)
+
+
+CODEBOOK_PATH = "['quantizer']['codebook'].value"
+
+
+def codebook_key(seed: int, step) -> jax.Array:
+  """Randomness of codebook updates: a function of (seed, step) only, so a resumed
+  run draws what an uninterrupted one draws (step 0: the data initialisation)."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def _map_codebook_leaves(fn, tree):
+  """``fn`` applied to the codebook leaf of ``tree`` (parameters, gradients or an
+  optimiser moment shaped like them), every other leaf unchanged."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: fn(x) if jax.tree_util.keystr(path).endswith(CODEBOOK_PATH) else x, tree)
+
+
+def update_codebook(config: ml_collections.ConfigDict, state, params, opt_state, counts,
+                    codes, features):
+  """EMA update and dead-entry restart after the optimiser step. Returns (params,
+  opt_state, codebook state, number of entries restarted)."""
+  cb = config.codebook
+  step = state["step"] + 1
+  book_state = dict(state["codebook"])
+  book_state["last_used"] = jnp.where(counts > 0, step, book_state["last_used"])
+  book = _get_codebook(params)
+  flat = features.reshape(-1, features.shape[-1])
+  if cb.update_rule == "ema":
+    book_state["ema_count"], book_state["ema_sum"], book = quantizer_lib.ema_update(
+        book_state["ema_count"], book_state["ema_sum"], codes, flat, cb.ema_decay)
+  restarted = jnp.zeros((), jnp.int32)
+  if cb.restart_after:
+    book, book_state["last_used"], dead = quantizer_lib.restart_dead_codes(
+        book, book_state["last_used"], flat, step, codebook_key(config.seed, step),
+        cb.restart_after)
+    if cb.update_rule == "ema":   # the averages restart from the new entry, with unit count
+      book_state["ema_count"] = jnp.where(dead, 1.0, book_state["ema_count"])
+      book_state["ema_sum"] = jnp.where(dead[:, None], book, book_state["ema_sum"])
+    # Adam's moments of a restarted row describe the dead entry's gradients, not the
+    # new one's: zero them so its first updates are not pushed by stale momentum
+    opt_state = _map_codebook_leaves(lambda m: jnp.where(dead[:, None], 0.0, m), opt_state)
+    restarted = jnp.sum(dead)
+  params = _map_codebook_leaves(lambda _: book, params)
+  return params, opt_state, book_state, restarted
+
+
+def _get_codebook(params) -> jax.Array:
+  """The raw codebook [K, d] (a ShapeDtypeStruct when ``params`` is abstract)."""
+  return params["quantizer"]["codebook"].get_value()
 
 
 def make_steps(models: Models, config: ml_collections.ConfigDict,
@@ -142,7 +202,9 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
     out = tok(images, entropy_temperature=entropy_t)
     q = out["quantized"]
     terms = {"loss/codebook": q.codebook_loss, "loss/commitment": q.commitment_loss}
-    total = lc.codebook_weight * (q.codebook_loss + lc.commitment_beta * q.commitment_loss)
+    # with EMA updates the codebook loss has no parameter to move: only commitment remains
+    codebook_loss = 0.0 if config.codebook.update_rule == "ema" else q.codebook_loss
+    total = lc.codebook_weight * (codebook_loss + lc.commitment_beta * q.commitment_loss)
     if entropy_t is not None:
       terms["loss/entropy"] = q.entropy_loss
       total += lc.entropy_weight * q.entropy_loss
@@ -161,18 +223,22 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
                                                       out["semantic_target"])
       total += lc.semantic_weight * terms["loss/semantic"]
     terms["loss/total"] = total
-    return total, (terms, recon, q.codes)
+    return total, (terms, recon, q.codes, jax.lax.stop_gradient(out["f"]))
 
   def train_step(state, lpips_params, images, use_gan):
-    grads, (terms, recon, codes) = jax.grad(generator_loss, has_aux=True)(
+    grads, (terms, recon, codes, features) = jax.grad(generator_loss, has_aux=True)(
         state["params"], state["frozen"], state.get("disc_params"), lpips_params,
         images, use_gan)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
-               step=state["step"] + 1)
+    params = optax.apply_updates(state["params"], updates)
     counts, perplexity = code_perplexity(codes, cfg.codebook_size)
     out = dict(terms, **{"grad_norm/generator": optax.tree.norm(grads),
                          "lr": lr(state["step"]), "codebook/perplexity": perplexity})
+    new = dict(state, step=state["step"] + 1)
+    if "codebook" in state:
+      params, opt_state, new["codebook"], out["codebook/restarted"] = update_codebook(
+          config, state, params, opt_state, counts, codes, features)
+    new.update(params=params, opt_state=opt_state)
     if use_gan:
       fake = jax.lax.stop_gradient(recon)
 
@@ -206,6 +272,9 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
           out["semantic_prediction"], out["semantic_target"])
     result = {k: jnp.sum(jnp.where(valid, v, 0.0)) for k, v in per_image.items()}
     result["count"] = jnp.sum(valid)
+    codes = out["quantized"].codes
+    result["code_counts"] = code_perplexity(
+        codes, cfg.codebook_size, jnp.broadcast_to(valid[:, None], codes.shape).astype(int))[0]
     if "reconstruction" in out:
       result["reconstruction"] = out["reconstruction"][:config.num_grid_images]
     return result
@@ -229,6 +298,13 @@ def init_state(models: Models, tx, dtx) -> tuple[dict[str, Any], Any]:
   if models.has_disc:
     state.update(disc_params=built["disc_params"],
                  disc_opt_state=dtx.init(built["disc_params"]))
+  cb = models.config.codebook
+  if cb.restart_after or cb.update_rule == "ema":
+    k = models.model_cfg.codebook_size
+    state["codebook"] = {"last_used": jnp.zeros((k,), jnp.int32)}
+    if cb.update_rule == "ema":
+      state["codebook"].update(ema_count=jnp.ones((k,), jnp.float32),
+                               ema_sum=_get_codebook(built["params"]).astype(jnp.float32))
   return state, built.get("lpips_params")
 
 
@@ -249,11 +325,78 @@ class CodebookUsage:
   def fraction(self) -> float:
     return float(np.mean(self._counts > 0))
 
+  def scalars(self, floor: float, step: int) -> dict[str, float]:
+    """Window usage and perplexity for the logs; warns when usage over a full
+    window is under ``floor`` (a partial window under-counts by construction)."""
+    fraction = self.fraction()
+    if fraction < floor and len(self._history) >= self._window:
+      logging.warning("step %d: codebook usage %.1f%% over the last %d steps is below "
+                      "config.codebook.usage_floor %.1f%% (consider config.codebook."
+                      "restart_after, or model.simvq)", step, 100 * fraction,
+                      len(self._history), 100 * floor)
+    return {"codebook/usage": fraction,
+            "codebook/window_perplexity": float(perplexity_of(self._counts))}
+
+
+def codebook_eval_scalars(counts: np.ndarray) -> dict[str, float]:
+  """Usage, perplexity and dead entries of the code counts over the held-out set."""
+  return {"eval/codebook_usage": float(np.mean(counts > 0)),
+          "eval/codebook_perplexity": float(perplexity_of(counts.astype(np.float64))),
+          "eval/dead_codes": float(np.sum(counts == 0))}
+
+
+def seed_codebook_from_data(run: Setup, state, pipeline, config: ml_collections.ConfigDict):
+  """k-means++ seeding of the codebook from the encoder features of the first
+  ``config.codebook.init_batches`` training batches (once, at step 0; the result
+  is a parameter, so checkpoints record it). Features stay global arrays, so
+  every process seeds the same codebook."""
+  models = run.models
+  mesh = run.batch_sharding.mesh
+  replicated = NamedSharding(mesh, P())
+
+  def features(params, frozen, images):
+    f = models.tokenizer(params, frozen).features(images)[0]
+    return f.reshape(-1, f.shape[-1])
+
+  encode = sharding.jit_sharded(features, mesh, out_shardings=replicated)
+  batches = [encode(state["params"], state["frozen"],
+                    sharding.global_batch(next(pipeline)["image"], run.batch_sharding))
+             for _ in range(config.codebook.init_batches)]
+  target = _get_codebook(run.abstract_state["params"])
+
+  def seed(*batches):
+    book = quantizer_lib.kmeans_plus_plus(jnp.concatenate(batches), target.shape[0],
+                                          codebook_key(config.seed, 0))
+    return book.astype(target.dtype), book
+
+  book, book_f32 = jax.jit(seed, out_shardings=(target.sharding, replicated))(*batches)
+  state["params"] = _map_codebook_leaves(lambda _: book, state["params"])
+  if "ema_sum" in state.get("codebook", {}):
+    state["codebook"]["ema_sum"] = jax.device_put(
+        book_f32, run.abstract_state["codebook"]["ema_sum"].sharding)
+  logging.info("codebook seeded by k-means++ from %d encoder features",
+               sum(len(b) for b in batches))
+  return state
+
+
+def code_histogram(counts: np.ndarray, width: int = 512, height: int = 128) -> np.ndarray:
+  """Rank-frequency chart of code counts as a uint8 image: entries sorted by
+  count (most used left), bar height proportional to the count (dead ones flat)."""
+  ranked = np.sort(counts.astype(np.float64))[::-1]
+  bins = np.array_split(ranked, min(width, len(ranked)))
+  bars = np.array([b.mean() for b in bins]) / max(ranked[0], 1)
+  rows = np.arange(height)[::-1, None] / height
+  img = np.where(rows < bars[None], 40, 255).astype(np.uint8)
+  img = np.repeat(img, max(1, width // len(bins)), axis=1)
+  return np.repeat(img[..., None], 3, axis=-1)
+
 
 def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
              writer: metrics_lib.MetricWriter, step: int,
              workdir: str | epath.Path) -> dict[str, float]:
-  """Reconstruction metrics over the held-out images, in batches of the train batch size.
+  """Reconstruction metrics over the held-out images, in batches of the train batch size,
+  and codebook usage, perplexity and dead entries over all their codes (with a
+  code-frequency chart for TensorBoard).
 
   Every process runs the same number of eval steps (ceil(num_eval_images / batch));
   a process out of images feeds zeros that a validity mask drops.
@@ -265,6 +408,7 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
                                        process_count=process_count)
   size = config.data.image_size
   sums, count, first = collections.defaultdict(float), 0, None
+  code_counts = np.zeros(config.model.codebook_size, np.int64)
   batch = sharding.batch_sharding(mesh)
   for _ in range(-(-config.data.num_eval_images // config.batch_size)):
     images = next(batches, {"image": np.zeros((0, size, size, 3), np.float32)})["image"]
@@ -274,6 +418,7 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
     out = jax.device_get(eval_step(state, sharding.global_batch(padded, batch),
                                    sharding.global_batch(valid, batch)))
     count += int(out.pop("count"))
+    code_counts += np.asarray(out.pop("code_counts")).astype(np.int64)
     recon = out.pop("reconstruction", None)
     for key, value in out.items():
       sums[key] += float(value)
@@ -283,7 +428,10 @@ def evaluate(eval_step, state, config: ml_collections.ConfigDict, mesh,
   if not count:
     return {}
   scalars = {f"eval/{k}": v / count for k, v in sums.items()}
+  scalars.update(codebook_eval_scalars(code_counts))
   writer.write_scalars(step, scalars)
+  if jax.process_index() == 0:
+    writer.write_images(step, {"eval/code_frequencies": code_histogram(code_counts)})
   if first is not None and jax.process_index() == 0:
     writer.write_images(step, {"eval/inputs_vs_reconstructions": first})
     workdir = checkpoint_lib.as_path(workdir)
@@ -352,6 +500,7 @@ def stage(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop_li
   lpips_params = None
   usage = CodebookUsage(config.model.codebook_size, config.usage_window)
   pending_counts = []
+  latest_step = 0   # the step of the last log: the usage warning names it
 
   def init():
     nonlocal lpips_params
@@ -365,24 +514,31 @@ def stage(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop_li
         process_index=process_index, process_count=process_count)
 
   def step(state, batch, step: int):
+    nonlocal latest_step
     use_gan = models.has_disc and step > config.loss.disc_start
     images = sharding.global_batch(batch["image"], run.batch_sharding)
     state, metrics, counts = run.train_step(state, lpips_params, images, use_gan)
     pending_counts.append(counts)
+    latest_step = step
     return state, metrics
+
+  def fresh_start(state, pipeline):
+    if config.codebook.init == "kmeans++":
+      return seed_codebook_from_data(run, state, pipeline, config)
+    return state
 
   def log_metrics():
     for counts in jax.device_get(pending_counts):
       usage.add(counts)
     pending_counts.clear()
-    return {"codebook/usage": usage.fraction()}
+    return usage.scalars(config.codebook.usage_floor, latest_step)
 
   def run_eval(state, step: int, writer, workdir):
     return evaluate(run.eval_step, state, config, mesh, writer, step, workdir)
 
   return loop_lib.Stage(abstract_state=run.abstract_state, init=init, batches=batches,
                         step=step, evaluate=run_eval, log_metrics=log_metrics,
-                        headline=HEADLINE)
+                        fresh_start=fresh_start, headline=HEADLINE)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,

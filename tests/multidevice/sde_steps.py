@@ -10,6 +10,8 @@ mesh uses all devices and trains ``--steps`` of a ``--steps + 1`` step run
 (1,8,1) replicates the frozen weights (``config.replicate_frozen``), the others
 shard them like the trained ones. Per mesh it saves the shapes and the first
 device's shard shapes of an MLP kernel, a conv kernel and the codebook.
+Dead-codebook-entry restarts run in every step (``codebook.restart_after=1``),
+so the codebook and its restart state are compared across meshes too.
 ``--restore_onto=M`` then resumes the ``--save_on`` run's checkpoint on mesh M
 for the last step (``resumed/loss``).
 """
@@ -30,6 +32,9 @@ from muse_jax.train import sde_trainer  # noqa: E402
 def config_for(spec, steps):
   c = tiny_sde_config(batch_size=8, total_steps=steps, disc_start=0)
   c.update(eval_every=1000, checkpoint_every=1000)
+  # dead entries restart every step (8 x 16 tokens for 64 entries): the restart's
+  # gather of features and its random draw must agree on every mesh
+  c.codebook.restart_after = 1
   data, fsdp, tensor = (int(x) for x in spec.split(","))
   c.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   c.replicate_frozen = spec == "1,8,1"      # the other meshes shard the frozen weights
@@ -47,6 +52,8 @@ def main():
     arrays[f"{spec}/loss"] = np.float64(result["metrics"]["loss/total"])
     for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"]):
       arrays[f"{spec}/params{jax.tree_util.keystr(path)}"] = np.asarray(jax.device_get(leaf))
+    arrays[f"{spec}/params.codebook_last_used"] = np.asarray(
+        jax.device_get(state["codebook"]["last_used"]))
     for path, leaf in jax.tree_util.tree_leaves_with_path(state["disc_params"]):
       arrays[f"{spec}/disc_params{jax.tree_util.keystr(path)}"] = np.asarray(
           jax.device_get(leaf))
