@@ -14,6 +14,7 @@ and none of its complex round-off.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterable
 
 import jax
@@ -91,17 +92,22 @@ def fid(a: FeatureStats, b: FeatureStats) -> float:
   return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pool_features(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, state)(images)
+
+
 class InceptionFeatures:
-  """Jitted ``FIDInceptionV3`` over fixed-shape batches: one compile per image size."""
+  """Jitted ``FIDInceptionV3`` over fixed-shape batches: one compile per image size
+  (shared by every instance, e.g. the reference and the generated set)."""
 
   def __init__(self, model: inception.FIDInceptionV3, batch_size: int = 50):
-    graphdef, self._state = nnx.split(model)
+    self._graphdef, self._state = nnx.split(model)
     self.batch_size = batch_size
-    self._apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
 
   def __call__(self, batch: image_lib.Batch) -> np.ndarray:
     """[valid, 2048] features of the real rows of ``batch``."""
-    return np.asarray(self._apply(self._state, batch.images))[:batch.valid]
+    return np.asarray(_pool_features(self._graphdef, self._state, batch.images))[:batch.valid]
 
 
 def feature_stats(images: Iterable[np.ndarray], features: InceptionFeatures, *,
