@@ -23,12 +23,16 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8,<0.9",
     "transformers>=5.23,<6",         # Hugging Face configs and tokenizers
     "pyarrow>=20",                   # recaption parquet files
+    "tqdm>=4.66,<5",                 # evaluation progress bars
 ]
 
 EXTRAS = {
     "test": [
         "pytest>=9,<10",
         "torch==2.13.0",             # numerical reference only; CPU wheel
+        "torchvision==0.28.0",       # pytorch-fid's model code (see tests/test_inception.py)
+        "pytorch-fid>=0.3,<0.4",     # FID Inception parity reference
+        "scipy>=1.11,<2",            # independent Frechet distance (scipy.linalg.sqrtm)
     ],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
 }
