@@ -72,11 +72,11 @@ def features(inception_dir):
   return fid.InceptionFeatures(inception_convert.load(inception_dir), batch_size=4)
 
 
-def _save_images(folder, names, rng, size=32):
+def _save_images(folder, names, rng, size=32, ext="png"):
   folder.mkdir(parents=True, exist_ok=True)
   for name in names:
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-        folder / f"{name}.png")
+        folder / f"{name}.{ext}")
 
 
 def _features_of(paths, features):
@@ -109,7 +109,7 @@ def _write_mjhq(root, rng):
     for k in range(3):
       image_id = f"{category[0]}{k:03d}"
       meta[image_id] = {"category": category, "prompt": f"a photo of {category} {k}"}
-      _save_images(root / mjhq.IMAGES / category, [image_id], rng, size=40)
+      _save_images(root / mjhq.IMAGES / category, [image_id], rng, size=40, ext="jpg")
   (root / mjhq.META).write_text(json.dumps(meta))
   _save_images(root / "generated", sorted(meta), rng, size=24)
   return meta
@@ -122,8 +122,7 @@ def test_mjhq_per_category_and_overall(tmp_path, features):
   every_real, every_fake = [], []
   for category in ("animals", "food"):
     ids = sorted(i for i, m in meta.items() if m["category"] == category)
-    real = _features_of([tmp_path / mjhq.IMAGES / category / f"{i}.jpg".replace(".jpg", ".png")
-                         for i in ids], features)
+    real = _features_of([tmp_path / mjhq.IMAGES / category / f"{i}.jpg" for i in ids], features)
     fake = _features_of([tmp_path / "generated" / f"{i}.png" for i in ids], features)
     every_real.append(real)
     every_fake.append(fake)
