@@ -28,8 +28,9 @@ def tensor_name(path: tuple) -> tuple[str, tensor_io.Layout]:
   return f"{prefix}.bn.{_BN_NAMES[leaf]}", tensor_io.SAME
 
 
-def abstract_inception() -> inception.FIDInceptionV3:
-  return nnx.eval_shape(lambda: inception.FIDInceptionV3(rngs=nnx.Rngs(0)))
+def abstract_inception(input_size: int = inception.INPUT_SIZE) -> inception.FIDInceptionV3:
+  return nnx.eval_shape(lambda: inception.FIDInceptionV3(rngs=nnx.Rngs(0),
+                                                         input_size=input_size))
 
 
 def read_inception(pth_path: str):
@@ -45,14 +46,16 @@ def torch_to_checkpoint(pth_path: str, out_dir: str) -> None:
       writer.write(weights.tensor_name(path), array)
 
 
-def load(weights_dir: str | epath.PathLike) -> inception.FIDInceptionV3:
-  """A ready ``FIDInceptionV3`` from converted weights (names, shapes and dtypes checked)."""
+def load(weights_dir: str | epath.PathLike,
+         input_size: int = inception.INPUT_SIZE) -> inception.FIDInceptionV3:
+  """A ready ``FIDInceptionV3`` from converted weights (names, shapes and dtypes checked);
+  ``input_size`` other than 299 is for tests only (not FID)."""
   index = weights.read_index(weights_dir)
   if index.metadata.get("kind") != KIND:
     raise weights.WeightsMismatchError(
         f"{weights_dir} holds {index.metadata.get('kind')!r} weights, not the FID Inception: "
         "convert pt_inception-2015-12-05-*.pth with `python -m muse_jax.convert inception`")
-  model = abstract_inception()
+  model = abstract_inception(input_size)
   params = weights.load_pretrained(weights_dir, nnx.state(model, nnx.Param))
   nnx.update(model, params)
   return model

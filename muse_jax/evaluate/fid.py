@@ -24,6 +24,7 @@ from flax import nnx
 
 from muse_jax.evaluate import images as image_lib
 from muse_jax.evaluate import progress as progress_lib
+from muse_jax.evaluate import quality
 from muse_jax.models import inception
 
 
@@ -139,7 +140,6 @@ def rfid(images: Iterable[np.ndarray], reconstruct: Callable[[np.ndarray], np.nd
   ``reconstruct`` maps a fixed-shape [batch_size, H, W, 3] batch in [-1, 1] to its
   reconstruction (e.g. the tokenizer stage's jitted encode -> quantise -> decode).
   """
-  from muse_jax.evaluate import quality
   inputs, outputs, pairs = FeatureStats(), FeatureStats(), quality.PairMetrics()
   for batch in image_lib.batches(
       progress_lib.progress(images, total=total, desc="rFID", enabled=show_progress),

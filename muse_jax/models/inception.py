@@ -23,6 +23,7 @@ from flax import nnx
 
 FEATURES = 2048
 INPUT_SIZE = 299
+MIN_INPUT_SIZE = 75
 BN_EPS = 1e-3
 
 
@@ -169,9 +170,16 @@ class InceptionE(nnx.Module):
 
 
 class FIDInceptionV3(nnx.Module):
-  """``__call__(images) -> [B, 2048]`` pool features of NHWC images in [-1, 1], any size."""
+  """``__call__(images) -> [B, 2048]`` pool features of NHWC images in [-1, 1], any size.
 
-  def __init__(self, *, rngs: nnx.Rngs):
+  ``input_size`` is what images are resized to: 299 for FID; smaller (down to 75,
+  where the last grid is still 1 x 1) only makes tests cheap.
+  """
+
+  def __init__(self, *, rngs: nnx.Rngs, input_size: int = INPUT_SIZE):
+    if input_size < MIN_INPUT_SIZE:
+      raise ValueError(f"input_size {input_size} is below Inception-v3's minimum {MIN_INPUT_SIZE}")
+    self.input_size = input_size
     self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2, rngs=rngs)
     self.Conv2d_2a_3x3 = ConvBN(32, 32, 3, rngs=rngs)
     self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1, rngs=rngs)
@@ -191,9 +199,9 @@ class FIDInceptionV3(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(jnp.float32)
-    if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
-      x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, x.shape[3]), "linear",
-                           antialias=False)
+    size = self.input_size
+    if x.shape[1:3] != (size, size):
+      x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "linear", antialias=False)
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(max_pool(x, 2)))
     x = max_pool(x, 2)
