@@ -2,6 +2,7 @@
 writers on small MMBench / MJHQ / GenEval files written here."""
 
 import base64
+import csv
 import io
 import json
 import subprocess
@@ -255,13 +256,14 @@ def _b64_png(color, size=(20, 10)):
 def _write_mmbench(path):
   header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
   rows = [
-      ["0", "What colour is the image?", "", "red", "green", "blue", "white", "A", "colour",
+      ["0", 'What colour is the "image"?\nLook closely.', "", "red", "green", "blue", "white", "A", "colour",
        _b64_png((255, 0, 0))],
       ["1", "Is it bright?", "Look at the pixels.", "yes", "no", "", "", "B", "light",
        _b64_png((10, 10, 10))],
       ["2", "How wide is it?", "", "20", "10", "5", "", "A", "size", "0"],   # image of row 0
   ]
-  path.write_text("\n".join("\t".join(r) for r in [header] + rows) + "\n")
+  with path.open("w", newline="") as f:   # quoted as pandas' to_csv(sep="\t") quotes
+    csv.writer(f, delimiter="\t", lineterminator="\n").writerows([header] + rows)
 
 
 def test_mmbench_reader_prompt_and_circular_evaluation(tmp_path):
@@ -273,7 +275,8 @@ def test_mmbench_reader_prompt_and_circular_evaluation(tmp_path):
   assert mmbench.build_prompt(questions[1].question, questions[1].hint, questions[1].options) == (
       "Hint: Look at the pixels.\nQuestion: Is it bright?\nOptions:\nA. yes\nB. no\n"
       "Please select the correct answer from the options above. \n")
-  truth = {"What colour is the image?": "red", "Is it bright?": "no", "How wide is it?": "20"}
+  assert questions[0].question == 'What colour is the "image"?\nLook closely.'
+  truth = {'What colour is the "image"?': "red", "Is it bright?": "no", "How wide is it?": "20"}
   asked = []
 
   def scripted(image, prompt):

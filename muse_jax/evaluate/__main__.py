@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"fid": fid.fid(real, fake), "real_images": real.count, "fake_images": fake.count}
   elif args.command == "quality":
     from muse_jax.evaluate import quality
+    if args.size < 11:
+      raise ValueError(f"--size must be at least 11 (SSIM's 11 x 11 window), got {args.size}")
     result = quality.folders(args.reference, args.candidate, size=args.size,
                              batch_size=args.batch_size, show_progress=show)
   elif args.command == "mjhq":

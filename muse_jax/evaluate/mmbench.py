@@ -62,7 +62,9 @@ def read_tsv(path: str | epath.PathLike) -> list[Question]:
     raise FileNotFoundError(f"{path} does not exist (an MMBench-format TSV file)")
   csv.field_size_limit(sys.maxsize)   # base64 images are far larger than csv's default
   with path.open() as f:
-    rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    # quoting as pandas writes (and VLMEvalKit reads) it: fields with a tab, a quote or a
+    # newline are double-quoted
+    rows = list(csv.DictReader(f, delimiter="\t"))
   if not rows:
     raise ValueError(f"{path} has no rows")
   absent = [c for c in COLUMNS if c not in rows[0]]
