@@ -166,15 +166,25 @@ def test_fid_command_end_to_end(tmp_path, inception_dir, features, monkeypatch):
   _save_images(tmp_path / "fake", ["x", "y", "z"], rng)
   got = evaluate_cli.main(["fid", f"--real={tmp_path / 'real'}", f"--fake={tmp_path / 'fake'}",
                            f"--inception={inception_dir}", "--batch_size=4", "--no_progress",
-                           f"--out_dir={tmp_path / 'out'}"])
+                           f"--out_dir={tmp_path / 'out'}",
+                           f"--save_stats={tmp_path / 'real.npz'}"])
   assert loaded == [str(inception_dir)]
   real = _features_of(sorted((tmp_path / "real").iterdir()), features)
   fake = _features_of(sorted((tmp_path / "fake").iterdir()), features)
   assert got["fid"] == pytest.approx(fid.frechet_distance(
       real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False)),
       rel=1e-6)
+  assert got["real_images"] == 3 and got["fake_images"] == 3
   assert json.loads((tmp_path / "out" / "fid.json").read_text())["fid"] == got["fid"]
   assert _tensorboard_scalars(tmp_path / "out")["fid/fid"] == pytest.approx(got["fid"], rel=1e-6)
+  # reference statistics saved once (pytorch-fid's .npz keys), then reused without images
+  mu, sigma = fid.load_gaussian(tmp_path / "real.npz")
+  np.testing.assert_allclose(mu, real.mean(0), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(sigma, np.cov(real, rowvar=False), rtol=1e-6, atol=1e-9)
+  reused = evaluate_cli.main(["fid", f"--real={tmp_path / 'real.npz'}",
+                              f"--fake={tmp_path / 'fake'}", f"--inception={inception_dir}",
+                              "--batch_size=4", "--no_progress"])
+  assert reused["fid"] == pytest.approx(got["fid"], rel=1e-9) and "real_images" not in reused
 
 
 def _tensorboard_scalars(out_dir):
@@ -256,8 +266,8 @@ def _b64_png(color, size=(20, 10)):
 def _write_mmbench(path):
   header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
   rows = [
-      ["0", 'What colour is the "image"?\nLook closely.', "", "red", "green", "blue", "white", "A", "colour",
-       _b64_png((255, 0, 0))],
+      ["0", 'What colour is the "image"?\nLook closely.', "", "red", "green", "blue", "white",
+       "A", "colour", _b64_png((255, 0, 0))],
       ["1", "Is it bright?", "Look at the pixels.", "yes", "no", "", "", "B", "light",
        _b64_png((10, 10, 10))],
       ["2", "How wide is it?", "", "20", "10", "5", "", "A", "size", "0"],   # image of row 0

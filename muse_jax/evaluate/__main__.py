@@ -1,6 +1,6 @@
 """``python -m muse_jax.evaluate COMMAND ...``: see docs/evaluate.md.
 
-  fid       --real=DIR --fake=DIR --inception=WEIGHTS
+  fid       --real=DIR|STATS.npz --fake=DIR|STATS.npz --inception=WEIGHTS [--save_stats=F.npz]
   quality   --reference=DIR --candidate=DIR [--size=256]   (PSNR / SSIM by file name)
   mjhq      --mjhq_dir=DIR --generated=DIR --inception=WEIGHTS [--categories=people,food]
   codebook  --codes=FILE.npy --codebook_size=N                (utilisation, perplexity)
@@ -34,9 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
-  p = command("fid", "FID between two folders of images")
-  p.add_argument("--real", required=True)
-  p.add_argument("--fake", required=True)
+  p = command("fid", "FID between two folders of images (or saved statistics)")
+  p.add_argument("--real", required=True, help="image folder, or .npz statistics (mu, sigma)")
+  p.add_argument("--fake", required=True, help="image folder, or .npz statistics (mu, sigma)")
+  p.add_argument("--save_stats", default=None,
+                 help="also write the statistics of --real (a folder) to this .npz")
   p.add_argument("--inception", required=True,
                  help="converted FID Inception weights (python -m muse_jax.convert inception)")
   p.add_argument("--batch_size", type=int, default=50)
@@ -73,16 +75,30 @@ def _features(args):
   return fid.InceptionFeatures(inception_convert.load(args.inception), args.batch_size)
 
 
+def _fid(args, show: bool) -> dict:
+  from muse_jax.evaluate import fid
+  features = None
+  gaussians, result = [], {}
+  for side in ("real", "fake"):
+    source = getattr(args, side)
+    if source.endswith(".npz"):
+      gaussians.append(fid.load_gaussian(source))
+      continue
+    features = features or _features(args)
+    stats = fid.folder_stats(source, features, show_progress=show)
+    if side == "real" and args.save_stats:
+      stats.save(args.save_stats)
+    gaussians.append((stats.mean, stats.covariance))
+    result[f"{side}_images"] = stats.count
+  return {"fid": fid.frechet_distance(*gaussians[0], *gaussians[1]), **result}
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = _parser().parse_args(argv)
   show = not args.no_progress
   images = None
   if args.command == "fid":
-    from muse_jax.evaluate import fid
-    features = _features(args)
-    real = fid.folder_stats(args.real, features, show_progress=show)
-    fake = fid.folder_stats(args.fake, features, show_progress=show)
-    result = {"fid": fid.fid(real, fake), "real_images": real.count, "fake_images": fake.count}
+    result = _fid(args, show)
   elif args.command == "quality":
     from muse_jax.evaluate import quality
     if args.size < 11:

@@ -93,6 +93,19 @@ def fid(a: FeatureStats, b: FeatureStats) -> float:
   return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
 
 
+def load_gaussian(path: str | epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) from an .npz written by ``FeatureStats.save`` or by pytorch-fid
+  (``--save-stats``), e.g. a dataset's reference statistics computed once."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist (FID statistics .npz with mu and sigma)")
+  with path.open("rb") as f:
+    data = np.load(f)
+    if "mu" not in data or "sigma" not in data:
+      raise ValueError(f"{path} lacks \"mu\" / \"sigma\": not FID statistics")
+    return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _pool_features(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, state)(images)

@@ -1,4 +1,4 @@
-"""Progress bars with rate and ETA for long evaluations (on stderr, so JSON on stdout stays clean)."""
+"""Progress bars with rate and ETA for long evaluations, on stderr (stdout keeps the JSON)."""
 
 from __future__ import annotations
 
