@@ -52,6 +52,30 @@ def test_frechet_distance_matches_scipy():
   assert fid.fid(stats[0], stats[0]) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_frechet_distance_of_few_images():
+  """Fewer images than dimensions (singular covariances): the n x n path equals the full one."""
+  rng = np.random.default_rng(8)
+  small = [_random_gaussian(rng, 64, n) for n in (10, 7)]
+  large = _random_gaussian(rng, 64, 300)
+  stats = []
+  for x in small + [large]:
+    s = fid.FeatureStats(dim=64)
+    for chunk in np.array_split(x, 3):
+      s.add(chunk)
+    stats.append(s)
+  assert stats[0].factor() is not None and stats[2].factor() is None
+  for a, b in ((0, 1), (0, 2), (2, 1)):
+    x, y = stats[a], stats[b]
+    want = fid.frechet_distance(x.mean, x.covariance, y.mean, y.covariance)
+    # the full path takes square roots of a singular matrix's round-off: ~1e-8 apart
+    assert fid.fid(x, y) == pytest.approx(want, rel=1e-7)
+    assert fid.fid(y, x) == pytest.approx(want, rel=1e-7)
+  merged = fid.FeatureStats(dim=64)
+  merged.merge(stats[0])
+  merged.merge(stats[2])            # 310 vectors > 64 dimensions: no longer kept
+  assert merged.rows is None and merged.count == 310
+
+
 def test_feature_stats_need_two_images():
   s = fid.FeatureStats(dim=4)
   s.add(np.ones((1, 4)))

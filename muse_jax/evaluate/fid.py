@@ -41,19 +41,33 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
   root1 = _psd_sqrt(sigma1)
-  inner = root1 @ sigma2 @ root1
-  trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)))
-  diff = mu1 - mu2
+  return _frechet(mu1 - mu2, sigma1, sigma2, _trace_sqrt(root1 @ sigma2 @ root1))
+
+
+def _trace_sqrt(symmetric_psd: np.ndarray) -> float:
+  """Sum of the square roots of the eigenvalues."""
+  values = np.linalg.eigvalsh((symmetric_psd + symmetric_psd.T) / 2)
+  return float(np.sum(np.sqrt(np.clip(values, 0, None))))
+
+
+def _frechet(diff: np.ndarray, sigma1: np.ndarray, sigma2: np.ndarray, trace_sqrt: float) -> float:
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 @dataclasses.dataclass
 class FeatureStats:
-  """Running mean and covariance of feature vectors (float64 sums)."""
+  """Running mean and covariance of feature vectors (float64 sums).
+
+  While there are no more vectors than dimensions the vectors are kept as well
+  (no more memory than the sums): their covariance is then singular, and ``fid``
+  takes the distance through an n x n problem instead of LAPACK's slow path on a
+  singular 2048 x 2048 matrix.
+  """
   dim: int = inception.FEATURES
   count: int = 0
   total: np.ndarray | None = None
   outer: np.ndarray | None = None
+  rows: list[np.ndarray] | None = dataclasses.field(default_factory=list)
 
   def __post_init__(self):
     if self.total is None:
@@ -65,11 +79,26 @@ class FeatureStats:
     self.count += features.shape[0]
     self.total += features.sum(0)
     self.outer += features.T @ features
+    self._keep_rows([features])
 
   def merge(self, other: FeatureStats) -> None:
     self.count += other.count
     self.total += other.total
     self.outer += other.outer
+    self._keep_rows(other.rows)
+
+  def _keep_rows(self, rows: list[np.ndarray] | None) -> None:
+    if self.rows is not None and rows is not None and self.count <= self.dim:
+      self.rows.extend(rows)
+    else:
+      self.rows = None
+
+  def factor(self) -> np.ndarray | None:
+    """A with covariance = A A^T ([dim, count]) while the vectors are kept, else None."""
+    if self.rows is None or self.count < 2:
+      return None
+    centred = np.concatenate(self.rows) - self.mean
+    return centred.T / np.sqrt(self.count - 1)
 
   @property
   def mean(self) -> np.ndarray:
@@ -90,7 +119,14 @@ class FeatureStats:
 
 
 def fid(a: FeatureStats, b: FeatureStats) -> float:
-  return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
+  factor_a, factor_b = a.factor(), b.factor()
+  if factor_a is None and factor_b is None:
+    return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
+  if factor_a is None:
+    a, b, factor_a = b, a, factor_b
+  # S_a = A A^T: S_a S_b and A^T S_b A (n x n, symmetric) share their nonzero eigenvalues
+  trace_sqrt = _trace_sqrt(factor_a.T @ b.covariance @ factor_a)
+  return _frechet(a.mean - b.mean, a.covariance, b.covariance, trace_sqrt)
 
 
 def load_gaussian(path: str | epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
