@@ -82,15 +82,16 @@ def _fid(args, show: bool) -> dict:
   for side in ("real", "fake"):
     source = getattr(args, side)
     if source.endswith(".npz"):
-      gaussians.append(fid.load_gaussian(source))
+      gaussians.append((*fid.load_gaussian(source), None))
       continue
     features = features or _features(args)
     stats = fid.folder_stats(source, features, show_progress=show)
     if side == "real" and args.save_stats:
       stats.save(args.save_stats)
-    gaussians.append((stats.mean, stats.covariance))
+    gaussians.append((stats.mean, stats.covariance, stats.factor()))
     result[f"{side}_images"] = stats.count
-  return {"fid": fid.frechet_distance(*gaussians[0], *gaussians[1]), **result}
+  (mu1, sigma1, factor1), (mu2, sigma2, factor2) = gaussians
+  return {"fid": fid.frechet_distance(mu1, sigma1, mu2, sigma2, factor1, factor2), **result}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,23 +34,29 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
-  """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+                     sigma2: np.ndarray, factor1: np.ndarray | None = None,
+                     factor2: np.ndarray | None = None) -> float:
+  """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+  ``factor1`` (or ``factor2``), A with sigma1 = A A^T ([dim, n], n < dim: few
+  samples), is optional: S1 S2 and A^T S2 A (n x n, symmetric) share their nonzero
+  eigenvalues, which spares a 2048 x 2048 eigensolve of a singular matrix (LAPACK's
+  slow case).
+  """
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
-  root1 = _psd_sqrt(sigma1)
-  return _frechet(mu1 - mu2, sigma1, sigma2, _trace_sqrt(root1 @ sigma2 @ root1))
-
-
-def _trace_sqrt(symmetric_psd: np.ndarray) -> float:
-  """Sum of the square roots of the eigenvalues."""
-  values = np.linalg.eigvalsh((symmetric_psd + symmetric_psd.T) / 2)
-  return float(np.sum(np.sqrt(np.clip(values, 0, None))))
-
-
-def _frechet(diff: np.ndarray, sigma1: np.ndarray, sigma2: np.ndarray, trace_sqrt: float) -> float:
+  if factor1 is not None:
+    inner = factor1.T @ sigma2 @ factor1
+  elif factor2 is not None:
+    inner = factor2.T @ sigma1 @ factor2
+  else:
+    root1 = _psd_sqrt(sigma1)
+    inner = root1 @ sigma2 @ root1
+  values = np.linalg.eigvalsh((inner + inner.T) / 2)
+  trace_sqrt = np.sum(np.sqrt(np.clip(values, 0, None)))
+  diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
@@ -60,8 +66,7 @@ class FeatureStats:
 
   While there are no more vectors than dimensions the vectors are kept as well
   (no more memory than the sums): their covariance is then singular, and ``fid``
-  takes the distance through an n x n problem instead of LAPACK's slow path on a
-  singular 2048 x 2048 matrix.
+  passes them to ``frechet_distance`` as its factor.
   """
   dim: int = inception.FEATURES
   count: int = 0
@@ -119,14 +124,7 @@ class FeatureStats:
 
 
 def fid(a: FeatureStats, b: FeatureStats) -> float:
-  factor_a, factor_b = a.factor(), b.factor()
-  if factor_a is None and factor_b is None:
-    return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
-  if factor_a is None:
-    a, b, factor_a = b, a, factor_b
-  # S_a = A A^T: S_a S_b and A^T S_b A (n x n, symmetric) share their nonzero eigenvalues
-  trace_sqrt = _trace_sqrt(factor_a.T @ b.covariance @ factor_a)
-  return _frechet(a.mean - b.mean, a.covariance, b.covariance, trace_sqrt)
+  return frechet_distance(a.mean, a.covariance, b.mean, b.covariance, a.factor(), b.factor())
 
 
 def load_gaussian(path: str | epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
