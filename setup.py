@@ -9,7 +9,6 @@ INSTALL_REQUIRES = [
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
     "tensorstore>=0.1.86,<0.2",      # pretrained weights (muse_jax.weights): zarr3, local or gs://
-    "etils[epath]>=1.15,<2",
     "grain>=0.2.18,<0.3",
     "array-record>=0.8.6,<0.9",
     "tensorflow-datasets>=4.9.10,<5",
@@ -25,6 +24,7 @@ INSTALL_REQUIRES = [
     "pyarrow>=20",                   # recaption parquet files
     "etils[epath]>=1.15,<2",         # workdir I/O, local or gs://
     "gcsfs>=2026.10,<2027",          # gs:// for etils.epath (Orbax's arrays use tensorstore)
+    "tqdm>=4.66,<5",                 # evaluation progress bars
 ]
 
 EXTRAS = {
@@ -32,6 +32,9 @@ EXTRAS = {
         "pytest>=9,<10",
         "torch==2.13.0",             # numerical reference only; CPU wheel
         "gcp-storage-emulator>=2026.7,<2027",   # local GCS for the gs:// workdir test
+        "torchvision==0.28.0",       # pytorch-fid's model code (tests/conftest.py: CPU torch)
+        "pytorch-fid>=0.3,<0.4",     # FID Inception parity reference
+        "scipy>=1.11,<2",            # independent Frechet distance (scipy.linalg.sqrtm)
     ],
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
 }

@@ -5,11 +5,41 @@ import importlib.util
 import os
 import pathlib
 import socket
-
+import sys
 import tempfile
 from http import HTTPStatus
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _declare_torchvision_ops():
+  """Lets torchvision's Python code import next to the CPU torch wheel.
+
+  PyPI's torchvision wheel is linked against CUDA torch, so its C extension does
+  not load here and ``torchvision::nms`` / ``qnms`` are never declared; its
+  ``_meta_registrations`` then raise on import. transformers imports torchvision
+  whenever it is installed (every ``Qwen2ForCausalLM`` reference test), and
+  pytorch-fid's Inception is built on it. The tests use only its pure-Python model
+  code, so declaring the two schemas (no kernels) is enough.
+  """
+  if importlib.util.find_spec("torch") is None or importlib.util.find_spec("torchvision") is None:
+    return
+  try:
+    importlib.import_module("torchvision")
+  except RuntimeError as error:
+    if "torchvision::nms" not in str(error):
+      raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+      del sys.modules[name]
+    import torch
+    library = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+      library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _declare_torchvision_ops.library = library   # the declarations live as long as it does
+    importlib.import_module("torchvision")
+
+
+_declare_torchvision_ops()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

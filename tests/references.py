@@ -25,6 +25,8 @@ INSTALL = {
     "tokenizers": f"tokenizers (installed with transformers: {_TEST_EXTRA})",
     "safetensors.torch": f"safetensors and torch ({_TEST_EXTRA})",
     "skimage.metrics": "scikit-image (pip install -e .)",
+    "scipy.linalg": f"scipy ({_TEST_EXTRA})",
+    "pytorch_fid.inception": f"pytorch-fid and torchvision ({_TEST_EXTRA})",
 }
 
 

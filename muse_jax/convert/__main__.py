@@ -14,6 +14,8 @@ import sys
 
 from etils import epath
 
+from muse_jax import cli
+
 
 def peak_rss_mb() -> float:
   """This process's peak resident memory. Linux's VmHWM belongs to the process image,
@@ -67,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--vgg", required=True, help="torchvision vgg16 state dict (.pth / .safetensors)")
   p.add_argument("--heads", required=True, help="lpips weights/v0.1/vgg.pth")
   p.add_argument("--out", required=True)
+
+  p = sub.add_parser("inception", help="pytorch-fid's FID Inception file -> our FIDInceptionV3")
+  p.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+  p.add_argument("--out", required=True)
   return parser
 
 
@@ -88,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     from muse_jax.convert import siglip
     config = siglip.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype)
     result = {"wrote": args.out, "config": dataclasses.asdict(config)}
+  elif args.command == "inception":
+    from muse_jax.convert import inception
+    inception.torch_to_checkpoint(args.pth, args.out)
+    result = {"wrote": args.out}
   else:
     from muse_jax.convert import lpips
     lpips.torch_to_checkpoint(args.vgg, args.heads, args.out)
@@ -98,4 +108,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  cli.run(main, sys.argv[1:], "python -m muse_jax.convert")
