@@ -42,6 +42,7 @@ def _declare_torchvision_ops():
 _declare_torchvision_ops()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 # Trainer tests build the same step functions several times (straight run, killed
@@ -87,6 +88,16 @@ def mesh_run_parser() -> argparse.ArgumentParser:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
   return parser
+
+
+def assert_same_state(a, b):
+  """Two train states (host trees) agree bit for bit, leaf by leaf."""
+  leaves_a = jax.tree_util.tree_leaves_with_path(a)
+  leaves_b = dict((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(b))
+  assert len(leaves_a) == len(leaves_b) > 50
+  for path, x in leaves_a:
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(leaves_b[jax.tree_util.keystr(path)]),
+                                  err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 import tiny_run_config
-from conftest import ROOT
+from conftest import ROOT, assert_same_state
 from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -51,15 +51,6 @@ def restore(checkpoints: str, step: int):
     return jax.device_get(ckpt.restore(step, abstract)[0])
   finally:
     ckpt.close()
-
-
-def assert_same_state(a, b):
-  leaves_a = jax.tree_util.tree_leaves_with_path(a)
-  leaves_b = dict((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(b))
-  assert len(leaves_a) == len(leaves_b) > 50
-  for path, x in leaves_a:
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(leaves_b[jax.tree_util.keystr(path)]),
-                                  err_msg=jax.tree_util.keystr(path))
 
 
 def eval_steps(text: str) -> list[int]:
