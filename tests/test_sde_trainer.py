@@ -68,6 +68,19 @@ def test_codebook_seeded_by_kmeans_plus_plus_from_first_batch():
   assert len(set(distance.argmin(1).tolist())) == 16
 
 
+def test_kmeans_plus_plus_seeding_runs_once_and_resumes_exactly(tmp_path):
+  """The loop seeds a fresh run (the seeding batch's position goes into every
+  checkpoint) and never reseeds a resumed one: a run killed after step 1 ends
+  where the straight run does."""
+  config = tiny_sde_config(batch_size=2, total_steps=2, disc_start=10)
+  config.update(eval_every=100, checkpoint_every=100)
+  config.codebook.init = "kmeans++"
+  straight = sde_trainer.train(config, str(tmp_path / "straight"))
+  sde_trainer.train(config, str(tmp_path / "resumed"), stop_after=1)
+  resumed = sde_trainer.train(config, str(tmp_path / "resumed"))
+  assert_same_state(jax.device_get(straight["state"]), jax.device_get(resumed["state"]))
+
+
 def test_checkpoints_and_tensorboard(straight_and_resumed):
   _, straight_dir, _, _, _, _ = straight_and_resumed
   assert sorted(os.listdir(os.path.join(straight_dir, "checkpoints"))) == ["3", "6"]
