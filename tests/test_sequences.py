@@ -92,6 +92,29 @@ def test_pretrain_both_orders_loss_on_everything(tok):
       tokenizer, [("A dog runs.", True), (_image(layout), True), (eos, True)]))
 
 
+@pytest.mark.parametrize("example, reason", [
+    ({"codes": CODES}, "missing_caption"),
+    ({"codes": CODES, "caption_ids": np.zeros(0, np.int32)}, "empty_caption"),
+    ({"codes": CODES, "caption_ids": np.array([4, -1])}, "bad_caption_ids"),
+    ({"codes": np.array([0, 64]), "caption": "A dog."}, "bad_codes"),
+    ({"codes": np.array([0.5]), "caption": "A dog."}, "bad_codes"),
+    ({"caption": "A dog."}, "bad_codes"),
+])
+def test_unusable_pairs_become_skip_markers(tok, example, reason):
+  fmt = sequences.PretrainFormat(*tok)
+  assert fmt(example, np.random.default_rng(0)) == {pipeline.SKIP_KEY: reason}
+  # markers pass through the formats untouched
+  assert fmt({pipeline.SKIP_KEY: "corrupt"}, None) == {pipeline.SKIP_KEY: "corrupt"}
+
+
+def test_a_grid_of_codes_is_read_row_by_row(tok):
+  fmt = sequences.PretrainFormat(*tok, image_first_ratio=1.0)
+  rng = np.random.default_rng(0)
+  flat = fmt.build({"codes": np.array([3, 1, 2, 0]), "caption": "A dog."}, rng)
+  _check(fmt.build({"codes": np.array([[3, 1], [2, 0]]), "caption": "A dog."}, rng),
+         flat["ids"], flat["loss_mask"])
+
+
 CONVERSATION = [{"from": "human", "value": "<image>\nWhat is it?"},
                 {"from": "gpt", "value": "A dog."},
                 {"from": "human", "value": "And the color?"},

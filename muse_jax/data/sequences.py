@@ -11,8 +11,9 @@ Called as ``format(example, rng)`` (how Grain's ``random_map`` calls it) an
 example that cannot be used becomes a skip marker ``{pipeline.SKIP_KEY: reason}``,
 which the packer counts (``data/skipped_<reason>``) instead of packing.
 
-Images: SDE code ``c`` is token ``layout.visual_start + c``, and an image is
-always ``<soi> codes <eoi>`` with the layout's ids, written directly, never
+Images: SDE code ``c`` is token ``layout.visual_start + c``; ``codes`` may be
+the [h, w] grid, read row by row (the order generation samples them in); an
+image is always ``<soi> codes <eoi>`` with the layout's ids, written directly, never
 tokenized from text. Text is tokenized without the tokenizer's own special tokens
 (no BOS: Qwen2.5 has none); text that tokenizes into the visual or ``<soi>/<eoi>``
 ids (a caption containing the literal string ``<soi>``, with a tokenizer that has
@@ -87,9 +88,8 @@ def _check_tokenizer(tokenizer, layout: muse_vl.VocabLayout) -> None:
       f"the tokenizer has <soi>, <eoi> at ids {ids} but the layout puts them at "
       f"{[layout.soi_id, layout.eoi_id]}",
       "set model.vocab_size to the base model's vocabulary (the layout's text_size)")
-  text_size = layout.visual_start if has_tokens else len(tokenizer)
   config_lib.check(
-      text_size <= layout.visual_start, "model.vocab_size",
+      has_tokens or len(tokenizer) <= layout.visual_start, "model.vocab_size",
       f"the tokenizer has {len(tokenizer)} tokens, more than the layout's "
       f"{layout.visual_start} text ids", "set it to the base model's vocabulary size")
 
@@ -111,6 +111,8 @@ class _Builder:
   def checked(self, ids: np.ndarray) -> np.ndarray:
     if ids.size and ids.max() >= self.layout.visual_start:
       raise images.BadExample("text_has_image_tokens", f"max id {ids.max()}")
+    if ids.size and ids.min() < 0:
+      raise images.BadExample("bad_caption_ids", f"min id {ids.min()}")
     return ids
 
   def caption(self, example: dict) -> np.ndarray:
@@ -126,10 +128,10 @@ class _Builder:
     return ids
 
   def visual(self, example: dict) -> np.ndarray:
-    """The codes as visual ids (no markers)."""
-    codes = np.asarray(example.get("codes", ()))
-    if codes.ndim != 1 or not codes.size:
-      raise images.BadExample("bad_codes", f"codes of shape {codes.shape}")
+    """The codes (any shape: a grid is read row by row) as visual ids, no markers."""
+    codes = np.asarray(example.get("codes", ())).reshape(-1)
+    if not codes.size or not np.issubdtype(codes.dtype, np.integer):
+      raise images.BadExample("bad_codes", f"codes of dtype {codes.dtype}, size {codes.size}")
     if codes.min() < 0 or codes.max() >= self.layout.num_visual:
       raise images.BadExample("bad_codes", f"codes outside [0, {self.layout.num_visual})")
     return codes.astype(np.int32) + np.int32(self.layout.visual_start)
