@@ -158,6 +158,8 @@ def test_understanding_loss_on_assistant_turns_only(tok):
     ([{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}], "bad_conversation"),
     ([{"from": "human", "value": "<soi> hi"}, {"from": "gpt", "value": "x"}],
      "text_has_image_tokens"),
+    ("<image> hi", "bad_conversation"),
+    (["<image> hi", "x"], "bad_conversation"),
 ])
 def test_unusable_conversations_become_skip_markers(tok, conversation, reason):
   fmt = sequences.UnderstandingFormat(*tok)
@@ -235,6 +237,11 @@ def test_bad_configs_name_the_field(tok):
   no_template.chat_template = None
   with pytest.raises(config_lib.ConfigError, match="config.tokenizer_dir: .*no chat template"):
     sequences.UnderstandingFormat(no_template, layout)
+  last_only = no_template  # a template whose prefixes do not extend each other
+  last_only.chat_template = "{{ messages[-1]['content'] }}"
+  with pytest.raises(config_lib.ConfigError, match="config.tokenizer_dir: .*inconsistently"):
+    sequences.UnderstandingFormat(last_only, layout).build(
+        {"codes": CODES, "conversations": CONVERSATION})
 
 
 def _sequence(length, start):

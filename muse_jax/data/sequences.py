@@ -38,7 +38,8 @@ turn's tokens are the text the template adds between the prompt of that turn
 including the turn: the response and the template's end-of-turn marker
 (``<|im_end|>`` in ChatML) get loss; whitespace after it does not. So no chat
 format is hard-coded: any template whose renderings of successive prefixes extend
-each other works (ChatML / Qwen2.5, Llama 3, Yi); others raise ConfigError.
+each other works (ChatML, the format of Qwen2.5's and Yi-1.5's templates, is
+one); others raise ConfigError.
 Turns after the last assistant turn are dropped (nothing to learn from them).
 
 ``GenerationFormat`` (text-to-image, loss on the image)::
@@ -184,8 +185,12 @@ class PretrainFormat(_Format):
 
 def _messages(conversation: Sequence[dict]) -> list[dict[str, str]]:
   """LLaVA turns or role/content messages -> role/content messages, the image placed."""
+  if not isinstance(conversation, (list, tuple)):
+    raise images.BadExample("bad_conversation", f"turns are a {type(conversation).__name__}")
   messages = []
   for turn in conversation:
+    if not isinstance(turn, dict):
+      raise images.BadExample("bad_conversation", f"a turn is a {type(turn).__name__}")
     role = _ROLES.get(turn.get("from", turn.get("role")))
     content = turn.get("value", turn.get("content"))
     if role is None or not isinstance(content, str):
@@ -233,7 +238,7 @@ class UnderstandingFormat(_Format):
         raise config_lib.ConfigError(
             "config.tokenizer_dir: the tokenizer's chat template renders a conversation's "
             "prefixes inconsistently, so assistant turns cannot be located; use a template "
-            "whose rendering of each turn extends the previous ones (ChatML, Llama 3)")
+            "whose rendering of each turn extends the previous ones (e.g. ChatML)")
       response = full[len(prompt):]
       kept = response.rstrip()
       spans += [(prompt[len(done):], False), (kept, True), (response[len(kept):], False)]
@@ -275,7 +280,7 @@ class GenerationFormat(_Format):
                                              tokenize=False, add_generation_prompt=True)
     config_lib.check(rendered.count(stand_in) == 1, "tokenizer_dir",
                      "the chat template does not render the user message verbatim once",
-                     "use a template that does (ChatML, Llama 3)")
+                     "use a template that does (e.g. ChatML)")
     head, tail = rendered.split(stand_in)
     self._head, self._tail = b.text(head), b.text(tail)
     self._alone = [b.text(t) for t in system_texts]
