@@ -237,10 +237,10 @@ def test_bad_configs_name_the_field(tok):
   no_template.chat_template = None
   with pytest.raises(config_lib.ConfigError, match="config.tokenizer_dir: .*no chat template"):
     sequences.UnderstandingFormat(no_template, layout)
-  last_only = no_template  # a template whose prefixes do not extend each other
-  last_only.chat_template = "{{ messages[-1]['content'] }}"
+  # a template whose renderings of a conversation's prefixes do not extend each other
+  no_template.chat_template = "{{ messages[-1]['content'] }}"
   with pytest.raises(config_lib.ConfigError, match="config.tokenizer_dir: .*inconsistently"):
-    sequences.UnderstandingFormat(last_only, layout).build(
+    sequences.UnderstandingFormat(no_template, layout).build(
         {"codes": CODES, "conversations": CONVERSATION})
 
 
