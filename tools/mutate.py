@@ -42,6 +42,7 @@ class Mutation:
 
 
 ORACLES = "tests/test_oracles.py"
+SEQUENCES = "tests/test_sequences.py"
 RULE_TESTS = ("tests/test_parallel.py::test_every_logical_rule",
               "tests/test_parallel.py::test_model_parameters_follow_the_rules")
 
@@ -110,6 +111,26 @@ MUTATIONS = (
              "(segment_ids[:, :-1] > 0)",
              "same[:, :-1] = segment_ids[:, :-1] > 0",
              (f"{ORACLES}::test_next_token_targets_at_segment_boundaries",)),
+    # VLM sequences and packing
+    Mutation("pack-one-segment-per-row", "muse_jax/data/packing.py",
+             "np.repeat(np.arange(1, len(sequences) + 1, dtype=np.int32), lengths)",
+             "np.repeat(np.ones(len(sequences), np.int32), lengths)",
+             (f"{SEQUENCES}::test_packing_drops_and_counts_never_cuts",
+              f"{SEQUENCES}::test_packed_segments_never_attend_across_each_other")),
+    Mutation("pack-positions-run-on", "muse_jax/data/packing.py",
+             "np.arange(used, dtype=np.int32) - np.repeat(starts, lengths)",
+             "np.arange(used, dtype=np.int32)",
+             (f"{SEQUENCES}::test_packed_segments_never_attend_across_each_other",)),
+    Mutation("pack-restore-restarts-buffer", "muse_jax/data/packing.py",
+             '      self._emitted = state["rows_emitted"]', "      self._emitted = 0",
+             (f"{SEQUENCES}::test_packing_state_restores_mid_buffer",)),
+    Mutation("generation-loss-on-soi", "muse_jax/data/sequences.py",
+             "(self._soi, False)", "(self._soi, True)",
+             (f"{SEQUENCES}::test_generation_loss_on_visual_ids_and_eoi",)),
+    Mutation("understanding-loss-after-end-of-turn", "muse_jax/data/sequences.py",
+             "(kept, True), (response[len(kept):], False)]",
+             "(kept, True), (response[len(kept):], True)]",
+             (f"{SEQUENCES}::test_understanding_loss_on_assistant_turns_only",)),
     Mutation("hf-rope-theta-from-top-level-only", "muse_jax/convert/hf.py",
              'theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))',
              'theta = hf.get("rope_theta", 10000.0)',

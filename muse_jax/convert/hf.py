@@ -24,6 +24,7 @@ import numpy as np
 from muse_jax import weights
 from muse_jax.convert import checkpoint, tensor_io
 from muse_jax.convert.siglip import load_siglip_vision  # noqa: F401  (stable entry point)
+from muse_jax.data import text_tokenizer
 from muse_jax.models import muse_vl, qwen2
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
@@ -174,28 +175,12 @@ def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32",
 
 def export_tokenizer(tokenizer_dir: str, out_dir: str,
                      layout: muse_vl.VocabLayout | None) -> None:
-  """Copies a HF tokenizer, adding the MUSE-VL tokens at exactly the layout's ids.
-
-  Unused ids between the tokenizer's size and the first visual id (e.g. the padding
-  rows of Qwen2.5's table) get placeholder tokens so the added ids line up.
-  """
+  """Copies a HF tokenizer, adding the MUSE-VL tokens at exactly the layout's ids
+  (``text_tokenizer.add_muse_vl_tokens``)."""
   import transformers
   tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   if layout is not None:
-    size = len(tokenizer)
-    if size > layout.visual_start:
-      raise ValueError(f"tokenizer in {tokenizer_dir} has {size} tokens, more than the "
-                       f"{layout.visual_start} text rows of the checkpoint")
-    placeholders = [f"<|muse_unused_{i}|>" for i in range(size, layout.visual_start)]
-    visual = [muse_vl.visual_token(c) for c in range(layout.num_visual)]
-    tokenizer.add_tokens(placeholders + visual + [muse_vl.SOI_TOKEN, muse_vl.EOI_TOKEN],
-                         special_tokens=True)
-    got = tokenizer.convert_tokens_to_ids([muse_vl.visual_token(0), muse_vl.SOI_TOKEN,
-                                           muse_vl.EOI_TOKEN])
-    if got != [layout.visual_start, layout.soi_id, layout.eoi_id]:
-      raise ValueError(f"tokenizer assigned ids {got} to <|vis_0|>, <soi>, <eoi>; the "
-                       f"layout needs {[layout.visual_start, layout.soi_id, layout.eoi_id]} "
-                       "(does the tokenizer already contain some of these tokens?)")
+    text_tokenizer.add_muse_vl_tokens(tokenizer, layout)
   tokenizer.save_pretrained(out_dir)
 
 
