@@ -139,6 +139,8 @@ def tpu_devices(chip: Chip, topology: str, num_slices: int):
 
 
 def human_bytes(size: float) -> str:
+  if math.isnan(size):   # XLA refused without saying how much
+    return "more than XLA could place"
   return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 1024 ** 2:.2f} MiB"
 
 
@@ -523,7 +525,7 @@ def try_suggestion(config, suggestion: Suggestion, programs: tuple[str, ...],
     return False, f"error: {e}"
   rows = list(result["programs"].values())
   fits = all(r["fits"] for r in rows)
-  worst = max(rows, key=lambda r: r["peak"] / r["available"])
+  worst = max(rows, key=lambda r: math.inf if math.isnan(r["peak"]) else r["peak"] / r["available"])
   return fits, (f"{'fits' if fits else 'no'}: peak {human_bytes(worst['peak'])} of "
                 f"{human_bytes(worst['available'])}")
 
@@ -565,13 +567,14 @@ def main(argv):
     return
   for name in over:
     r = result["programs"][name]
-    need = "more than XLA said" if math.isnan(r["peak"]) else human_bytes(r["peak"])
-    print(f"{name} does not fit: it needs {need} per chip, {human_bytes(r['available'])} "
-          "available")
+    print(f"{name} does not fit: it needs {human_bytes(r['peak'])} per chip, "
+          f"{human_bytes(r['available'])} available")
+  found = suggestions(config, topology, num_slices, result, shortfall(result))
   print("what may fit" + (", each compiled:" if _SUGGEST.value
-                          else " (--suggest compiles each):"), flush=True)
-  for kind, suggestion in suggestions(config, topology, num_slices, result,
-                                      shortfall(result)).items():
+                          else " (--suggest compiles each):") if found else
+        "none of the planner's changes apply: give it a larger chip or a smaller model",
+        flush=True)
+  for kind, suggestion in found.items():
     outcome = ""
     if _SUGGEST.value:
       suggestion, outcome = checked_suggestion(config, topology, num_slices, result, kind, over,

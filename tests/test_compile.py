@@ -294,3 +294,14 @@ def test_suggest_compiles_each_change_and_says_which_fit():
   assert "what may fit, each compiled:" in out.stdout
   outcomes = dict(re.findall(r"^  (--\S+).*\n\s+-> (fits|no|error)", out.stdout, re.M))
   assert outcomes == {"--topology=v5e-8": "fits", "--config.mesh.tensor=2": "no"}, out.stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--mfu=1.5", "error: --mfu=1.5: give the fraction of the chip's peak a step reaches, in "
+                  "(0, 1]"),
+    ("--hbm_gib=64", "error: --hbm_gib=64: give more than 0 and at most the 16 GiB of a v5e-4 "
+                     "chip"),
+])
+def test_bad_planner_flags_are_named(flag, message):
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", flag)
+  assert out.returncode == 1 and message in out.stderr, out.stderr[-3000:]
