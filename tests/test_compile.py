@@ -1,5 +1,6 @@
 """Ahead-of-time TPU compiles on a CPU machine (needs libtpu: pip install -e .[tpu])."""
 
+import functools
 import os
 import re
 import subprocess
@@ -36,19 +37,28 @@ def _compile(*flags):
 
 
 def test_demo_decoder_compiles_for_a_v5e_slice():
-  """The real init and train step, sharded FSDP x tensor over 4 v5e chips."""
-  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4",
+  """The real init and train step, sharded FSDP x tensor over 4 v5e chips, and the step
+  time and throughput their FLOPs predict."""
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--mfu=0.5",
                  "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.mesh.data=1")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "4 x TPU v5 lite (v5e:2x2" in out.stdout
   assert "'fsdp': 2, 'tensor': 2" in out.stdout
   rows = {m.group(1): [float(x) for x in m.group(2).split()]
-          for m in re.finditer(r"^\s+(init|train_step)\s+([0-9. ]+?)\s+yes$", out.stdout, re.M)}
+          for m in re.finditer(r"^\s+(init|train_step)\s+([0-9. ]+?)\s+yes\s", out.stdout, re.M)}
   assert set(rows) == {"init", "train_step"}, out.stdout
   init, step = rows["init"], rows["train_step"]
   # init takes nothing and outputs the sharded state; the step's state is donated
   assert init[0] == 0 and init[1] > 0
   assert step[0] > 0 and step[2] > 0
+  assert "512 tokens per step) at 50% of 197 bf16 TFLOP/s per chip" in out.stdout
+  speed = re.search(r"^\s+train_step\s.*\syes\s+([0-9.]+)\s+(\S+)\s+(\S+)\s+(\S+)$",
+                    out.stdout, re.M)
+  compile_s, tflop, step_ms, tokens_per_s = map(float, speed.groups())
+  assert compile_s > 0 and tflop > 0
+  # the printed figures (4 significant digits) agree: time = FLOPs / (MFU x peak)
+  assert step_ms == pytest.approx(tflop * 1e12 / (0.5 * 197e12) * 1e3, rel=1e-3)
+  assert tokens_per_s == pytest.approx(8 * 64 / (step_ms / 1e3), rel=1e-3)
 
 
 def test_a_config_that_cannot_fit_the_slice_says_so():
@@ -113,12 +123,17 @@ def test_memory_report_fits_up_to_the_last_byte():
   assert no_alias["peak"] == HBM + 5 * compile_lib.GiB and not no_alias["fits"]
 
 
-def _result(train_step_temporaries):
-  programs = {"init": compile_lib.memory_report(_Compiled(**dict(AT_LIMIT, temporaries=0)), HBM),
-              "train_step": compile_lib.memory_report(_Compiled(**dict(
-                  AT_LIMIT, temporaries=train_step_temporaries)), HBM)}
+def _row(**sizes):
+  return dict(compile_lib.memory_report(_Compiled(**sizes), HBM), flops=1e12, compile_s=1.0)
+
+
+def _result(train_step_temporaries, mesh=None):
+  programs = {"init": _row(**dict(AT_LIMIT, temporaries=0)),
+              "train_step": _row(**dict(AT_LIMIT, temporaries=train_step_temporaries))}
+  mesh = mesh or {"data": 1, "fsdp": 4, "tensor": 1}
   return {"topology": "v5e:2x2", "num_slices": 1, "devices": 4, "device_kind": "TPU v5 lite",
-          "hbm_bytes": HBM, "mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "programs": programs}
+          "hbm_bytes": HBM, "peak_flops": 197e12, "mesh": mesh, "ici_mesh": mesh,
+          "items_per_step": 512, "item_unit": "tokens", "programs": programs}
 
 
 @pytest.fixture
@@ -144,8 +159,149 @@ def test_planner_reports_the_decision_and_exits_1_when_a_program_does_not_fit(
       compile_lib.main([])
     assert exit_info.value.code == 1
   out = capsys.readouterr().out
-  rows = dict(re.findall(r"^\s+(init|train_step)\s.*\s(yes|NO)$", out, re.M))
-  assert rows == {"init": "yes", "train_step": "yes" if fits else "NO"}, out
-  assert "HBM 16 GiB per chip" in out and "per device, GiB" in out
-  # the peak column: 16.00 GiB at the limit, just above it otherwise
-  assert re.search(r"^\s+train_step\s.*\s16\.00\s+(yes|NO)$", out, re.M), out
+  rows = dict(re.findall(r"^\s+(init|train_step)\s.*\s(yes|no)\s", out, re.M))
+  assert rows == {"init": "yes", "train_step": "yes" if fits else "no"}, out
+  assert "HBM 16 GiB per chip" in out and "per device: memory in GiB" in out
+  # the peak column: 16.00 GiB at the limit, just above it otherwise; then the HBM
+  assert re.search(r"^\s+train_step\s.*\s16\.00\s+16\.00\s+(yes|no)\s", out, re.M), out
+  assert ("what may fit (--suggest compiles each):" in out) != fits
+
+
+def test_suggestions_spread_the_shortfall_over_chips_batch_and_mesh():
+  from ml_collections import config_dict
+  config = config_dict.ConfigDict(dict(batch_size=64, model=dict(remat=False),
+                                       mesh=dict(data=4, fsdp=1, tensor=1)))
+  result = _result(3 * HBM, mesh={"data": 4, "fsdp": 1, "tensor": 1})
+  result["programs"]["train_step"]["peak"] = 3.5 * HBM   # short by 3.5x: a factor of 4
+  factor = compile_lib.shortfall(result)
+  assert factor == 4
+  found = compile_lib.suggestions(config, "v5e-4", 1, result, factor)
+  assert {k: s.flags(config, "v5e-4", 1) for k, s in found.items()} == {
+      "chips": "--topology=v5e-16 --config.mesh.fsdp=-1", "batch": "--config.batch_size=16",
+      "fsdp": "--config.mesh.data=1 --config.mesh.fsdp=-1", "remat": "--config.model.remat=True"}
+  # past the largest v5e slice (256 chips), more slices instead
+  result["devices"] = 256
+  config.batch_size = 4096
+  found = compile_lib.suggestions(config, "v5e-256", 1, result, factor)
+  assert found["chips"].flags(config, "v5e-256", 1) == "--num_slices=4 --config.mesh.fsdp=-1"
+  # a batch that does not split 4x further gets neither more chips nor a smaller batch
+  config.batch_size = 8
+  assert set(compile_lib.suggestions(config, "v5e-4", 1, result, factor)) == {"fsdp", "remat"}
+  # when only the initialiser (the state) does not fit, neither batch nor remat helps
+  config.batch_size = 64
+  result["programs"]["train_step"]["fits"] = True
+  result["programs"]["init"]["fits"] = False
+  assert set(compile_lib.suggestions(config, "v5e-4", 1, result, factor)) == {"chips", "fsdp"}
+
+
+def test_refused_compile_reads_the_sizes_from_xla_error():
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (23.98G) exceeds available HBM (15.75G).")
+  row = compile_lib.refused_report(message, HBM)
+  assert row["temporaries"] == row["peak"] == 23.98 * compile_lib.GiB
+  assert row["available"] == 15.75 * compile_lib.GiB and not row["fits"]
+  assert compile_lib.refused_report("INVALID_ARGUMENT: bad sharding", HBM) is None
+
+
+@pytest.fixture(scope="module")
+def v5e_mesh():
+  """Four abstract v5e chips in a one-axis mesh; TPU executables stay out of the test
+  compilation cache (its CPU client cannot load them)."""
+  import jax
+  import numpy as np
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  chip, name = compile_lib.parse_topology("v5e-4")
+  yield chip, jax.sharding.Mesh(np.array(compile_lib.tpu_devices(chip, name, 1)), ("x",))
+  jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def test_flops_per_device_count_every_loop_iteration(v5e_mesh):
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  chip, mesh = v5e_mesh
+  m, k, n = 512, 256, 384
+
+  def arg(shape, spec=P()):
+    return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+
+  def flops(fn, *args):
+    row = compile_lib.compile_program(jax.jit(fn), args, chip.hbm_bytes)
+    assert row["unknown_loops"] == 0 and row["fits"]
+    return row["flops"]
+
+  def matmul(a, b):
+    return a @ b
+
+  def scan(a, b):
+    return jax.lax.scan(lambda x, _: (x @ b, None), a, None, length=10)[0]
+
+  def nested(a, b):
+    return jax.lax.fori_loop(0, 3, lambda i, x: scan(x, b), a)
+
+  assert flops(matmul, arg((m, k)), arg((k, n))) == 2 * m * n * k
+  # per device: rows split over 4 chips, a quarter each
+  assert flops(matmul, arg((m, k), P("x")), arg((k, n))) == 2 * m * n * k / 4
+  square = (arg((m, n)), arg((n, n)))
+  assert flops(scan, *square) == 10 * 2 * m * n * n
+  assert flops(nested, *square) == 30 * 2 * m * n * n
+  # a 3x3 convolution in a loop: each output element sums over the window and input features
+  images, kernel = arg((8, 16, 16, 32)), arg((3, 3, 32, 32))
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="VALID",
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def convs(x, w):
+    border = ((0, 0), (1, 1), (1, 1), (0, 0))
+    return jax.lax.scan(lambda y, _: (y + jnp.pad(conv(y, w), border), None), x, None,
+                        length=4)[0]
+
+  assert flops(convs, images, kernel) == pytest.approx(4 * 2 * (8 * 14 * 14 * 32) * (3 * 3 * 32),
+                                                       rel=1e-2)   # and the adds
+  # the gradient runs the scan forward, then two matmuls per step backward (plus the
+  # elementwise sum and casts that XLA counts too)
+  grad = jax.grad(lambda b, a: jnp.sum(scan(a, b).astype(jnp.float32)))
+  assert flops(grad, *square[::-1]) == pytest.approx(30 * 2 * m * n * n, rel=1e-3)
+
+
+def test_a_step_xla_refuses_is_reported_with_what_may_fit():
+  """XLA:TPU refuses the demo step at 8192 rows per chip: a row saying so, no traceback."""
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--programs=train_step",
+                 "--config.batch_size=32768")
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr + out.stdout
+  row = re.search(r"^\s+train_step\s+-\s+-\s+-\s+([0-9.]+)\s+-\s+([0-9.]+)\s+([0-9.]+)\s+no\s",
+                  out.stdout, re.M)
+  assert row, out.stdout
+  temps, peak, available = map(float, row.groups())
+  assert temps == peak > available == 15.75   # XLA's figures, in GiB
+  assert (f"train_step does not fit: it needs {peak:.2f} GiB per chip, 15.75 GiB available"
+          in out.stdout)
+  assert "what may fit (--suggest compiles each):" in out.stdout
+  listed = re.findall(r"^  (--\S+)", out.stdout, re.M)
+  assert listed == ["--topology=v5e-8", "--config.batch_size=16384", "--config.mesh.tensor=2",
+                    "--config.model.remat=True"], out.stdout
+
+
+def test_suggest_compiles_each_change_and_says_which_fit():
+  """The sharded state alone is over a (lowered) HBM: more chips fit, tensor 2 does not."""
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--programs=init",
+                 "--hbm_gib=0.0014", "--suggest")
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr + out.stdout
+  assert "HBM 0.0014 GiB per chip" in out.stdout
+  assert re.search(r"^\s+init\s+[0-9. ]+\s1\.43\s+no\s", out.stdout, re.M), out.stdout
+  assert "what may fit, each compiled:" in out.stdout
+  outcomes = dict(re.findall(r"^  (--\S+).*\n\s+-> (fits|no|error)", out.stdout, re.M))
+  assert outcomes == {"--topology=v5e-8": "fits", "--config.mesh.tensor=2": "no"}, out.stdout
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--mfu=1.5", "error: --mfu=1.5: give the fraction of the chip's peak a step reaches, in "
+                  "(0, 1]"),
+    ("--hbm_gib=64", "error: --hbm_gib=64: give more than 0 and at most the 16 GiB of a v5e-4 "
+                     "chip"),
+])
+def test_bad_planner_flags_are_named(flag, message):
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", flag)
+  assert out.returncode == 1 and message in out.stderr, out.stderr[-3000:]

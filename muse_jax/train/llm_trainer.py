@@ -114,6 +114,10 @@ class Setup:
     return {"init": (self.init, ()),
             "train_step": (self.train_step, (self.abstract_state, batch))}
 
+  def step_items(self, config: ml_collections.ConfigDict) -> tuple[int, str]:
+    """What one train step consumes, for throughput: (count, unit)."""
+    return config.batch_size * config.seq_len, "tokens"
+
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   config_lib.validate_llm(config)

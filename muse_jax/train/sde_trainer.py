@@ -466,6 +466,10 @@ class Setup:
             "train_step": (self.train_step, (self.abstract_state, self.abstract_lpips, images,
                                              self.models.has_disc))}
 
+  def step_items(self, config: ml_collections.ConfigDict) -> tuple[int, str]:
+    """What one train step consumes, for throughput: (count, unit)."""
+    return config.batch_size, "images"
+
 
 def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   config_lib.validate_sde(config)

@@ -3,7 +3,9 @@
 ``config.trainer`` names a stage. A stage is a module with
 
 - ``setup(config, mesh)`` -> an object with ``aot_programs(config)`` (what
-  ``python -m muse_jax.compile`` compiles for a TPU slice), and
+  ``python -m muse_jax.compile`` compiles for a TPU slice) and ``step_items(config)``
+  (what one step consumes, e.g. ``(batch_size * seq_len, "tokens")``: the
+  planner's throughput), and
 - ``train(config, workdir, *, stop_after=None)`` running the shared loop
   (``muse_jax/train/loop.py``) on the stage's ``loop.Stage``; a stage whose
   loop has not landed yet has no ``train``.
