@@ -58,6 +58,23 @@ def load_tokenizer(workdir: str, step: int | None = None,
   return nnx.merge(graphdef, restored["params"], restored["frozen"]), config, step
 
 
+def batched_encoder(tokenizer: sde_lib.SDETokenizer, batch_size: int):
+  """images float32 [N, H, W, 3] in [-1, 1] -> codes int32 [N, h, w] (numpy), through one
+  jitted encode of ``batch_size`` images (the last batch padded): compiled once for any N."""
+  encode = jax.jit(lambda x: tokenizer.encode(x))
+
+  def run(images: np.ndarray) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), batch_size):
+      part = images[start:start + batch_size]
+      padded = np.concatenate([part, np.zeros((batch_size - len(part), *part.shape[1:]),
+                                              part.dtype)])
+      out.append(np.asarray(encode(jnp.asarray(padded)))[:len(part)])
+    return np.concatenate(out)
+
+  return run
+
+
 def main(argv):
   del argv
   tokenizer, config, step = load_tokenizer(_WORKDIR.value, _STEP.value)
