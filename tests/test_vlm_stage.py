@@ -93,6 +93,7 @@ def test_per_task_scalars_in_tensorboard(runs):
   m = straight["metrics"]
   assert m["loss/text"] > 0 and m["loss/visual"] > 0 and 0 < m["data/padding_fraction"] < 1
   assert m["tokens_per_second"] > 0 and m["data/sequences"] >= 2 * 4
+  assert m["data/dropped_too_long"] == 0 and not any("skipped" in k for k in m)
   history = [json.loads(line) for line in open(os.path.join(straight_dir, "eval_history.jsonl"))]
   assert [h["step"] for h in history] == [0, 2, 4]
   config = json.load(open(os.path.join(straight_dir, "config.json")))
