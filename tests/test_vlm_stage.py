@@ -104,9 +104,9 @@ def test_examples_are_encoded_views_of_the_annotated_photos(sde_run):
   entries = image_codes.load_annotations()
   assert len(entries) == 17 and all(len(e["qa"]) == 2 for e in entries)
   from muse_jax.data import sources
-  from muse_jax.inference import reconstruct
-  tokenizer, _, _ = reconstruct.load_tokenizer(sde_run)
-  encode = reconstruct.batched_encoder(tokenizer, 3)
+  from muse_jax.inference import sde_tokenizer
+  tokenizer, _, _ = sde_tokenizer.load_tokenizer(sde_run)
+  encode = sde_tokenizer.batched_encoder(tokenizer, 3)
   examples, skipped = image_codes.code_examples(entries[:2] + [{"file": "nope.png",
                                                                 "caption": "x"}],
                                                 sources.bundled_dir(), encode, image_size=32,

@@ -3,7 +3,7 @@
 The VLM stages train on examples ``{"key", "codes" [h, w] int32, "caption",
 "conversations"}`` (what ``muse_jax.data.sequences`` formats read). For the demo
 and other small runs the images are encoded here, once, by a trained SDE
-tokenizer (an ``encode`` function: ``inference.reconstruct.batched_encoder``),
+tokenizer (an ``encode`` function: ``inference.sde_tokenizer.batched_encoder``),
 so that no offline tokenization job has to run first; the examples then live in
 memory for the whole run.
 

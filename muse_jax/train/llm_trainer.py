@@ -274,7 +274,7 @@ class VlmData:
   (encoded once, by the run ``config.sde_workdir``), and the sequence format."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    from muse_jax.inference import reconstruct  # pylint: disable=g-import-not-at-top
+    from muse_jax.inference import sde_tokenizer  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
     self.layout = config_lib.vocab_layout(config)
     d = config.data
@@ -282,7 +282,7 @@ class VlmData:
       raise config_lib.ConfigError(
           f"config.sde_workdir: {config.sde_workdir!r} has no config.json; give a trained SDE "
           "run (python -m muse_jax.main --config=configs/sde_256.py:demo --workdir=DIR)")
-    sde, sde_config, step = reconstruct.load_tokenizer(config.sde_workdir)
+    sde, sde_config, step = sde_tokenizer.load_tokenizer(config.sde_workdir)
     config_lib.check(sde_config.model.codebook_size == self.layout.num_visual, "vocab.num_visual",
                      f"{self.layout.num_visual}, but the SDE tokenizer in {config.sde_workdir} "
                      f"has {sde_config.model.codebook_size} codes",
@@ -291,7 +291,7 @@ class VlmData:
     image_dir = d.image_dir or sources.bundled_dir()
     train, held_out = image_codes.split(image_codes.load_annotations(d.annotations), image_dir,
                                         d.num_eval_images)
-    encode = reconstruct.batched_encoder(sde, d.encode_batch)
+    encode = sde_tokenizer.batched_encoder(sde, d.encode_batch)
     common = dict(image_size=sde_config.model.encoder.image_size, max_pixels=d.max_image_pixels)
     start = time.perf_counter()
     self.train, self.skipped = image_codes.code_examples(
