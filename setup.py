@@ -44,7 +44,8 @@ setup(
     version="0.1.0",
     description="MUSE-VL: SDE tokenizer and unified vision-language model in JAX",
     packages=find_packages(include=["muse_jax", "muse_jax.*"]),
-    package_data={"muse_jax.kernels": ["*.cc"]},   # compiled on first use (kernels/cpu_matmul.py)
+    package_data={"muse_jax.kernels": ["*.cc"],    # compiled on first use (kernels/cpu_matmul.py)
+                  "muse_jax.data": ["*.json"]},    # the demo's captions and questions
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

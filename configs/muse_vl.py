@@ -15,8 +15,9 @@ The arg picks the base model (default qwen2.5-7b; any name in
 ``:demo`` is a 2-layer decoder of the same shape family that compiles in seconds
 (CI compiles it for a TPU topology; the sharding tests train it).
 
-The VLM stages' data pipeline (captions and instructions around SDE codes) is
-not built yet, so ``python -m muse_jax.main`` does not run this config.
+This config is the decoder and its step only (what ``muse_jax.compile`` plans);
+the runnable stages add their data on top of it: ``configs/vlm_pretrain.py``
+(image-caption pre-training) and ``configs/vlm_sft.py`` (instruction tuning).
 """
 
 from muse_jax import config_lib

@@ -371,3 +371,55 @@ def validate_llm(c: ml_collections.ConfigDict) -> None:
     check(c[field] >= 1, field, f"{c[field]}", "use a positive value")
   check(c.optimizer.schedule in ("constant", "cosine"), "optimizer.schedule",
         f"{c.optimizer.schedule!r} is unknown", "use 'constant' or 'cosine'")
+
+
+# The paper's generation instructions (MUSE-VL section 3.2 names the first two; the
+# rest are in the same spirit), one drawn per generation example.
+SYSTEM_TEXTS = ("Please generate an image.", "Show me a photo.", "Draw a picture of this.",
+                "Create an image that matches the description.")
+VLM_TASKS = ("pretrain", "understanding", "generation")
+
+
+def vlm_defaults(preset: str) -> ml_collections.ConfigDict:
+  """A VLM stage (``configs/vlm_pretrain.py``, ``configs/vlm_sft.py``): the decoder run of
+  ``llm_defaults`` plus its data: captioned images tokenized by a trained SDE run
+  (``muse_jax.data.image_codes``), built into sequences (``sequences``) and packed."""
+  c = llm_defaults(preset)
+  c.sde_workdir = ""                # a trained SDE tokenizer's run directory
+  # Hugging Face tokenizer directory with the MUSE-VL tokens; "" = train the demo BPE
+  # tokenizer on the annotations' texts into WORKDIR/tokenizer (once)
+  c.tokenizer_dir = ""
+  c.data = ml_collections.ConfigDict(dict(
+      image_dir="",                 # "" = the photographs scikit-image ships
+      annotations="",               # "" = muse_jax/data/demo_annotations.json
+      num_eval_images=4,            # held out (sources.split_eval): the held-out loss
+      views=1,                      # crops encoded per training image (centre + random)
+      min_scale=0.6,                # random crops' side >= this x the shorter side
+      encode_batch=8,               # images per jitted SDE encode
+      max_image_pixels=89_478_485,
+  ))
+  c.sequences = ml_collections.ConfigDict(dict(
+      tasks=ml_collections.ConfigDict(dict(pretrain=1.0, understanding=0.0, generation=0.0)),
+      image_first_ratio=0.5,        # pre-training: image then caption, else caption then image
+      system_texts=SYSTEM_TEXTS,
+      caption_drop_prob=0.1,        # generation: unconditional prompts for CFG
+      pack_buffer=256,              # examples packed at a time (first-fit decreasing)
+  ))
+  return c
+
+
+def validate_vlm(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a VLM stage config that cannot build, train or evaluate."""
+  validate_llm(c)
+  check("sequences" in c and "data" in c and "sde_workdir" in c, "trainer",
+        "this decoder config has no data (no sde_workdir, data, sequences fields)",
+        "run a VLM stage config: configs/vlm_pretrain.py or configs/vlm_sft.py")
+  check(bool(c.sde_workdir), "sde_workdir", "is empty",
+        "give a trained SDE run directory (python -m muse_jax.main "
+        "--config=configs/sde_256.py:demo --workdir=DIR)")
+  unknown = sorted(set(c.sequences.tasks) - set(VLM_TASKS))
+  check(not unknown, "sequences.tasks", f"unknown tasks {unknown}", f"use {VLM_TASKS}")
+  for field in ("views", "encode_batch", "num_eval_images"):
+    check(c.data[field] >= 1, f"data.{field}", f"{c.data[field]}", "use a positive number")
+  check(0.05 <= c.data.min_scale <= 1.0, "data.min_scale", f"{c.data.min_scale}",
+        "use a value in [0.05, 1]")

@@ -29,7 +29,7 @@ from muse_jax.parallel import distributed
 from muse_jax.parallel import sharding
 from muse_jax.train import checkpoint as checkpoint_lib
 from muse_jax.train import loop
-from muse_jax.train import sde_trainer
+from muse_jax.train import llm_trainer, sde_trainer
 from muse_jax.train import stages
 
 CONFIG_FILE = str(ROOT / "tests" / "tiny_run_config.py")
@@ -225,9 +225,10 @@ def test_distributed_plan_explicit_flags_and_complete_environments():
 
 def test_one_stage_registry_for_main_and_compile():
   assert stages.stage_module("sde", needs="train") is sde_trainer
-  assert hasattr(stages.stage_module("llm"), "setup")
-  with pytest.raises(config_lib.ConfigError, match="stage 'llm' has no train yet.*'sde'"):
-    stages.stage_module("llm", needs="train")
+  assert stages.stage_module("llm", needs="train") is llm_trainer
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"stage 'llm' has no seed_codebook_from_data yet.*\['sde'\]"):
+    stages.stage_module("llm", needs="seed_codebook_from_data")
   with pytest.raises(config_lib.ConfigError, match=r"^config.trainer: 'vit' is not a stage"):
     stages.stage_module("vit")
   for tool in ("main.py", "compile.py"):   # neither keeps a table of its own

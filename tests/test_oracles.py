@@ -17,6 +17,7 @@ import pytest
 from conftest import load_config, tiny_sde_config
 from flax import nnx
 
+from muse_jax import config_lib
 from muse_jax.models import qwen2
 from muse_jax.parallel import sharding
 from muse_jax.train import llm_trainer, lm_loss, optimizers, sde_trainer
@@ -177,6 +178,16 @@ def test_decoder_step_loss_is_masked_next_token_nll():
   _, metrics = run.train_step(jax.tree.map(jnp.copy, state), batch)
   np.testing.assert_allclose(float(metrics["loss/lm"]), expected, rtol=1e-4)
   assert float(metrics["tokens_with_loss"]) == weights.sum()
+  # per task: the same mean over the positions whose target is a visual id, and the rest
+  targets = np.roll(ids, -1, axis=1)
+  visual = config_lib.vocab_layout(config).is_visual(targets)
+  assert 0 < np.sum(weights * visual) < weights.sum()
+  for name, part in (("visual", visual), ("text", ~visual)):
+    np.testing.assert_allclose(float(metrics[f"loss/{name}"]),
+                               _nll_np(logits, targets, weights * part), rtol=1e-4)
+    correct = (logits.argmax(-1) == targets) * weights * part
+    np.testing.assert_allclose(float(metrics[f"accuracy/{name}"]),
+                               correct.sum() / (weights * part).sum(), rtol=1e-6)
 
 
 def _opt_config(schedule, warmup, lr=2e-3):

@@ -342,3 +342,29 @@ def test_packing_state_restores_mid_buffer():
       np.testing.assert_array_equal(a[key], b[key])
   assert restored.counters() == it.counters()
   assert it.counters()["data/sequences"] == 59 and it.counters()["data/skipped_empty_caption"] == 1
+
+
+def test_task_mixture_draws_formats_by_weight_and_builds_only_those_used(tok):
+  tokenizer, layout = tok
+  built = []
+
+  def pretrain():
+    built.append("pretrain")
+    return sequences.PretrainFormat(tokenizer, layout, image_first_ratio=1.0)
+
+  mixture = sequences.TaskMixture(
+      {"pretrain": pretrain,
+       "generation": lambda: sequences.GenerationFormat(tokenizer, layout,
+                                                        system_texts=["Draw."]),
+       "understanding": lambda: pytest.fail("a task of weight 0 was built")},
+      {"pretrain": 3.0, "generation": 1.0, "understanding": 0.0})
+  assert built == ["pretrain"]
+  example = {"codes": CODES, "caption": "a cat"}
+  outs = _through_grain(mixture, [example] * 400, seed=0)
+  # pre-training sequences start with <soi> (image first); generation ones with the chat
+  pretrain_share = np.mean([o["ids"][0] == layout.soi_id for o in outs])
+  assert 0.68 < pretrain_share < 0.82
+  with pytest.raises(config_lib.ConfigError, match=r"^config.sequences.tasks: .*not a distr"):
+    sequences.TaskMixture({"pretrain": pretrain}, {"pretrain": 0.0})
+  with pytest.raises(config_lib.ConfigError, match=r"^config.sequences.tasks: unknown tasks"):
+    sequences.TaskMixture({"pretrain": pretrain}, {"captioning": 1.0})

@@ -192,8 +192,8 @@ def test_reconstruct_reads_only_the_tokenizer_of_a_run(tmp_path):
   ckpt.close()
   checkpoint_lib.save_config(c, str(workdir))
 
-  from muse_jax.inference import reconstruct
-  tokenizer, _, step = reconstruct.load_tokenizer(str(workdir))
+  from muse_jax.inference import sde_tokenizer
+  tokenizer, _, step = sde_tokenizer.load_tokenizer(str(workdir))
   assert step == 7
   expected = run.models.tokenizer(state["params"], state["frozen"])
   for (name, a), (_, b) in zip(weights.named_leaves(nnx.state(tokenizer)),
@@ -209,7 +209,7 @@ def test_reconstruct_reads_only_the_tokenizer_of_a_run(tmp_path):
   (tmp_path / "other" / "checkpoints").symlink_to(workdir / "checkpoints")
   with pytest.raises(checkpoint_lib.CheckpointMismatchError,
                      match=r"params\.quantizer\.\S+ has shape \(64, 8\) .* expects \(128, 8\)"):
-    reconstruct.load_tokenizer(str(tmp_path / "other"))
+    sde_tokenizer.load_tokenizer(str(tmp_path / "other"))
 
   # the CLI: an unreadable file is skipped and every PSNR is printed under its own name;
   # no optimiser module is imported on the way

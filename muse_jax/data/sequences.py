@@ -55,6 +55,10 @@ without loss, because generation forces it (and then samples exactly h*w visual
 ids). The chat pieces around the user text are tokenized once, so per example
 only the caption is tokenized, or nothing when it comes pre-tokenized.
 
+``TaskMixture`` draws one of several formats per example with configured weights
+(the instruction-tuning mixture of understanding and generation; pre-training is
+the mixture of ``PretrainFormat`` alone).
+
 Text can come pre-tokenized: ``caption_ids`` (int array) is used instead of
 ``caption`` when the example has it. Piecewise tokenization equals tokenizing the
 whole text as long as the pieces split at special tokens or newlines, which is
@@ -64,7 +68,7 @@ Qwen2).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -298,3 +302,27 @@ class GenerationFormat(_Format):
       user = [(self._with_caption[choice], False), (b.caption(example), False)]
     return b.join([(self._head, False), *user, (self._tail, False), (self._soi, False),
                    (visual, True), (self._eoi, True)])
+
+
+class TaskMixture(_Format):
+  """One format per example, drawn with ``weights`` (task name -> weight >= 0).
+
+  ``formats`` maps every task name to a builder of its format; only the tasks with
+  a positive weight are built (a generation format needs a chat template, for one).
+  """
+
+  def __init__(self, formats: dict[str, Callable[[], _Format]], weights: dict[str, float]):
+    unknown = sorted(set(weights) - set(formats))
+    config_lib.check(not unknown, "sequences.tasks", f"unknown tasks {unknown}",
+                     f"use task names from {sorted(formats)}")
+    config_lib.check(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0,
+                     "sequences.tasks", f"weights {dict(weights)} are not a distribution",
+                     "give non-negative weights with a positive sum")
+    self._names = [n for n in sorted(weights) if weights[n] > 0]
+    self._formats = [formats[n]() for n in self._names]
+    total = sum(weights[n] for n in self._names)
+    self._probs = np.array([weights[n] / total for n in self._names])
+
+  def build(self, example, rng):
+    task = int(rng.choice(len(self._formats), p=self._probs)) if len(self._formats) > 1 else 0
+    return self._formats[task].build(example, rng)

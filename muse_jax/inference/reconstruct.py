@@ -4,7 +4,7 @@
       --images=photo1.jpg,photo2.png --out=/tmp/recon.png
 
 Reads the run's ``config.json`` and the tokenizer's weights from its latest
-checkpoint (nothing else: no optimiser is built), encodes each image
+checkpoint (``sde_tokenizer.load_tokenizer``: no optimiser is built), encodes each image
 (resize shorter side + centre crop to the model's size) to codes, decodes them,
 writes a grid (top: inputs, bottom: reconstructions), and prints the codes'
 shape and each image's PSNR. Unreadable images are reported and skipped.
@@ -12,23 +12,16 @@ shape and each image's PSNR. Unreadable images are reported and skipped.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
 from etils import epath
-from flax import nnx
 from PIL import Image
 
-from muse_jax import config_lib
-from muse_jax import weights
 from muse_jax.data import images as image_lib
-from muse_jax.models import sde as sde_lib
-from muse_jax.parallel import sharding
+from muse_jax.inference import sde_tokenizer
 from muse_jax.train import losses
 from muse_jax.train import metrics
 
@@ -38,29 +31,9 @@ _OUT = flags.DEFINE_string("out", "reconstruction.png", "Where to write the grid
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 
-def load_tokenizer(workdir: str, step: int | None = None,
-                   mesh: jax.sharding.Mesh | None = None):
-  """(tokenizer module with restored weights, config, step) from a training workdir.
-
-  Reads only the tokenizer's ``params`` and ``frozen`` subtrees of the run's
-  checkpoint (``weights.load_run_params``), onto ``mesh`` (default: the first
-  device): no optimiser, discriminator or data state is built or read.
-  """
-  config = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / "config.json").read_text()))
-  abstract_module = nnx.eval_shape(
-      lambda: sde_lib.SDETokenizer(config_lib.sde_model_config(config), rngs=nnx.Rngs(0)))
-  graphdef, trainable, frozen = nnx.split(abstract_module, sde_lib.TRAINABLE, ...)
-  if mesh is None:
-    mesh = sharding.make_mesh(sharding.mesh_config(data=1), jax.devices()[:1])
-  abstract = {"params": trainable, "frozen": frozen}
-  abstract = sharding.with_shardings(abstract, sharding.shardings(abstract, mesh))
-  restored, step = weights.load_run_params(workdir, abstract, step)
-  return nnx.merge(graphdef, restored["params"], restored["frozen"]), config, step
-
-
 def main(argv):
   del argv
-  tokenizer, config, step = load_tokenizer(_WORKDIR.value, _STEP.value)
+  tokenizer, config, step = sde_tokenizer.load_tokenizer(_WORKDIR.value, _STEP.value)
   size = config.model.encoder.image_size
   names, inputs = [], []
   for path in _IMAGES.value:

@@ -1,9 +1,9 @@
-"""The MUSE-VL decoder's train step: next-token cross-entropy over packed rows.
+"""The MUSE-VL decoder stage: next-token cross-entropy over packed rows, on the shared loop.
 
 ``setup(config, mesh)`` builds everything a loop or the ahead-of-time compiler
 needs: the jitted initialiser (parameters and AdamW moments are created already
-sharded: no host or device ever holds the whole model) and the jitted step with
-explicit in/out shardings and donated state.
+sharded: no host or device ever holds the whole model), the jitted step with
+explicit in/out shardings and donated state, and the held-out eval step.
 
 A batch is a dict of [B, T] arrays (``batch_spec``):
   ids          int32 input tokens (text ids, visual ids, ``<soi>``/``<eoi>``)
@@ -12,34 +12,58 @@ A batch is a dict of [B, T] arrays (``batch_spec``):
   weights      float32 loss weight per position (0 = no loss: prompt, padding,
                the last token of a segment)
 
-``load_pretrained(setup, state, config)`` replaces the random parameters of a
-fresh state by converted weights (``config.init_from``, written by ``python -m
-muse_jax.convert llm-from-hf --muse_vl``), read straight into the state's
-shardings; a loop calls it after ``init()`` when it is not resuming.
+The loss is one weighted mean over all targets; its sums are also split by
+whether the target is a visual id (``loss/text``, ``loss/visual``,
+``accuracy/text``, ``accuracy/visual``: argmax of the logits = target), at no
+extra matmul (``lm_loss.chunked_group_stats``).
 
-The data pipeline of the VLM stages (captions / instructions with SDE codes)
-produces these; until it lands this module has no loop of its own, and the step
-is exercised by tests, benchmarks and ``python -m muse_jax.compile``.
+``load_pretrained(setup, state, config)`` replaces the random parameters of a
+fresh state by ``config.init_from``: converted weights (``python -m
+muse_jax.convert llm-from-hf --muse_vl``) or a previous decoder run's workdir
+(pre-training -> instruction tuning), read straight into the state's shardings.
+
+``stage(config, mesh)`` is the VLM stage for ``loop.train`` (``configs/vlm_pretrain.py``,
+``configs/vlm_sft.py``): captioned images encoded once by a trained SDE run
+(``muse_jax/data/image_codes.py``), built into sequences by the task mixture of
+``config.sequences.tasks`` (``muse_jax/data/sequences.py``), packed
+(``muse_jax/data/packing.py``) in a Grain pipeline whose position is in every
+checkpoint. Logged: the losses and accuracies above, ``tokens_per_second``
+(real tokens, all processes), the packer's counters (``data/padding_fraction``,
+``data/dropped_too_long``, ``data/skipped_<reason>``), and at every eval the
+same losses over a fixed set of packed rows from held-out images (``eval/...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import grain
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from muse_jax import config_lib
 from muse_jax import weights
+from muse_jax.data import image_codes
+from muse_jax.data import packing
+from muse_jax.data import pipeline
+from muse_jax.data import sequences
+from muse_jax.data import sources
+from muse_jax.data import text_tokenizer
 from muse_jax.models import qwen2
 from muse_jax.parallel import sharding
+from muse_jax.train import checkpoint as checkpoint_lib
 from muse_jax.train import lm_loss
+from muse_jax.train import loop as loop_lib
+from muse_jax.train import metrics as metrics_lib
 from muse_jax.train import optimizers
 
 BATCH_KEYS = {"ids": jnp.int32, "segment_ids": jnp.int32, "targets": jnp.int32,
@@ -65,12 +89,25 @@ def next_token_targets(ids: np.ndarray, segment_ids: np.ndarray,
   return {"ids": ids, "segment_ids": segment_ids, "targets": targets, "weights": weights}
 
 
+def stats_metrics(stats, prefix: str = "") -> dict[str, Any]:
+  """Losses and accuracies from ``chunked_group_stats`` sums [3, 2] (text, visual targets);
+  a group without weighted targets reports 0 (jax or numpy arrays)."""
+  xp = jnp if isinstance(stats, jax.Array) else np
+  per = lambda row, g: row[g] / xp.maximum(stats[2][g], 1e-8)
+  total = xp.maximum(xp.sum(stats[2]), 1e-8)
+  return {f"{prefix}loss/text": per(stats[0], 0), f"{prefix}loss/visual": per(stats[0], 1),
+          f"{prefix}accuracy/text": per(stats[1], 0), f"{prefix}accuracy/visual": per(stats[1], 1),
+          f"{prefix}accuracy": xp.sum(stats[1]) / total}
+
+
 EMBEDDING = "model/embed_tokens/embedding"
 
 
 def load_pretrained(setup: Setup, state: dict[str, Any],
                     config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``state`` with its parameters read from ``config.init_from`` (unchanged when empty).
+  """``state`` with its parameters read from ``config.init_from`` (unchanged when empty):
+  converted weights, or the latest checkpoint of a decoder run (a workdir with a
+  ``config.json``, e.g. the pre-training stage's, where instruction tuning starts).
 
   The random parameters are freed first, so the device peak is that of training.
   AdamW's moments start at zero either way and are kept. Weights stored in another
@@ -78,6 +115,12 @@ def load_pretrained(setup: Setup, state: dict[str, Any],
   """
   if not config.init_from:
     return state
+  if (epath.Path(config.init_from) / "config.json").exists():   # a training run of ours
+    jax.tree.map(lambda x: x.delete(), state["params"])
+    restored, step = weights.load_run_params(config.init_from,
+                                             {"params": setup.abstract_state["params"]})
+    logging.info("decoder parameters from %s, step %d", config.init_from, step)
+    return dict(state, params=restored["params"])
   index = weights.read_index(config.init_from)
   rows = setup.model_config.vocab_size
   stored = index.tensors.get(EMBEDDING)
@@ -103,6 +146,7 @@ class Setup:
   batch_sharding: NamedSharding
   init: Any                     # () -> state, created sharded
   train_step: Any               # (state, batch) -> (state, metrics)
+  eval_step: Any                # (params, batch) -> [3, 2] sums (see stats_metrics)
 
   def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=self.batch_sharding)
@@ -135,29 +179,240 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   abstract = jax.eval_shape(build)
   state_shardings = sharding.shardings(abstract, mesh)
 
-  def loss_fn(params, batch):
+  layout = config_lib.vocab_layout(config)
+
+  def stats_fn(params, batch):
+    """[3, 2] sums (nll, correct, weight) over text targets (column 0) and visual ones (1)."""
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["ids"], segment_ids=batch["segment_ids"])
-    return lm_loss.chunked_cross_entropy(hidden, model.lm_head_kernel(), batch["targets"],
-                                         batch["weights"], chunk=config.loss_chunk)
+    groups = layout.is_visual(batch["targets"]).astype(jnp.int32)
+    return lm_loss.chunked_group_stats(hidden, model.lm_head_kernel(), batch["targets"],
+                                       batch["weights"], groups, 2, chunk=config.loss_chunk)
+
+  def loss_fn(params, batch):
+    stats = stats_fn(params, batch)
+    return jnp.sum(stats[0]) / jnp.maximum(jnp.sum(stats[2]), 1e-8), stats
 
   def train_step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
            "opt_state": opt_state}
-    metrics = {"loss/lm": loss, "grad_norm": optax.tree.norm(grads), "lr": lr(state["step"]),
-               "tokens_with_loss": jnp.sum(batch["weights"])}
+    metrics = {"loss/lm": loss, **stats_metrics(stats), "grad_norm": optax.tree.norm(grads),
+               "lr": lr(state["step"]), "tokens_with_loss": jnp.sum(batch["weights"])}
     return new, metrics
+
+  def eval_step(params, batch):
+    return stats_fn(params, batch)
 
   batch = sharding.batch_sharding(mesh)
   batch_shardings = {k: batch for k in BATCH_KEYS}
+  replicated = NamedSharding(mesh, P())
   return Setup(
       model_config=model_config,
       abstract_state=sharding.with_shardings(abstract, state_shardings),
       batch_sharding=batch,
       init=jax.jit(build, out_shardings=state_shardings),
       train_step=sharding.jit_sharded(
-          train_step, mesh, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
-          out_shardings=(state_shardings, NamedSharding(mesh, P()))))
+          loop_lib.skip_nonfinite(train_step) if config.nonfinite == "skip" else train_step,
+          mesh, donate_argnums=0, in_shardings=(state_shardings, batch_shardings),
+          out_shardings=(state_shardings, replicated)),
+      eval_step=sharding.jit_sharded(
+          eval_step, mesh, in_shardings=(state_shardings["params"], batch_shardings),
+          out_shardings=replicated))
 
+
+
+HEADLINE = ("loss/lm", "loss/text", "loss/visual", "accuracy", "tokens_per_second")
+
+
+class PackedBatches:
+  """The stage's ``loop.Batches``: ``batch_size`` packed rows at a time as the step's batch
+  (``next_token_targets``). Whole batches only are drawn, so the packer's state
+  between two batches is the source's position, and its counters are the data counters."""
+
+  def __init__(self, rows: packing.PackIterator, batch_size: int):
+    self._rows = rows
+    self._batch_size = batch_size
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = [next(self._rows) for _ in range(self._batch_size)]
+    stacked = {k: np.stack([r[k] for r in rows]) for k in ("ids", "segment_ids", "loss_mask")}
+    return next_token_targets(stacked["ids"], stacked["segment_ids"], stacked["loss_mask"])
+
+  def get_state(self) -> dict:
+    return self._rows.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._rows.set_state(state)
+
+  def counters(self) -> dict[str, float]:
+    return self._rows.counters()
+
+  def close(self) -> None:
+    """Nothing to stop: the examples are in memory and packed in this thread."""
+
+
+def demo_tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``config.tokenizer_dir``, or (when empty) WORKDIR/tokenizer, the demo BPE tokenizer
+  trained there on the annotations' texts the first time."""
+  if config.tokenizer_dir:
+    return config.tokenizer_dir
+  directory = checkpoint_lib.as_path(workdir) / "tokenizer"
+  if not (directory / "tokenizer.json").exists():
+    entries = image_codes.load_annotations(config.data.annotations)
+    layout = text_tokenizer.build_demo_tokenizer(
+        image_codes.texts(entries), str(directory), vocab_size=config.model.vocab_size,
+        num_visual=config.vocab.num_visual)
+    config_lib.check(layout.text_size == config.model.vocab_size, "model.vocab_size",
+                     f"{config.model.vocab_size}, but the demo tokenizer learnt from these "
+                     f"texts has {layout.text_size} text tokens",
+                     f"set it to {layout.text_size}")
+    logging.info("demo tokenizer (byte-level BPE, %d text tokens) written to %s",
+                 layout.text_size, directory)
+  return str(directory)
+
+
+class VlmData:
+  """The stage's examples: training and held-out images of ``config.data`` as SDE codes
+  (encoded once, by the run ``config.sde_workdir``), and the sequence format."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    from muse_jax.inference import sde_tokenizer  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    self.layout = config_lib.vocab_layout(config)
+    d = config.data
+    if not (epath.Path(config.sde_workdir) / "config.json").exists():
+      raise config_lib.ConfigError(
+          f"config.sde_workdir: {config.sde_workdir!r} has no config.json; give a trained SDE "
+          "run (python -m muse_jax.main --config=configs/sde_256.py:demo --workdir=DIR)")
+    sde, sde_config, step = sde_tokenizer.load_tokenizer(config.sde_workdir)
+    config_lib.check(sde_config.model.codebook_size == self.layout.num_visual, "vocab.num_visual",
+                     f"{self.layout.num_visual}, but the SDE tokenizer in {config.sde_workdir} "
+                     f"has {sde_config.model.codebook_size} codes",
+                     f"set it to {sde_config.model.codebook_size}")
+    self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer_dir)
+    image_dir = d.image_dir or sources.bundled_dir()
+    train, held_out = image_codes.split(image_codes.load_annotations(d.annotations), image_dir,
+                                        d.num_eval_images)
+    encode = sde_tokenizer.batched_encoder(sde, d.encode_batch)
+    common = dict(image_size=sde_config.model.encoder.image_size, max_pixels=d.max_image_pixels)
+    start = time.perf_counter()
+    self.train, self.skipped = image_codes.code_examples(
+        train, image_dir, encode, views=d.views, min_scale=d.min_scale, seed=config.seed,
+        **common)
+    self.held_out, held_out_skipped = image_codes.code_examples(held_out, image_dir, encode,
+                                                                **common)
+    if not self.train:
+      raise config_lib.ConfigError(f"config.data.image_dir: no readable training image of the "
+                                   f"annotations under {image_dir!r} ({self.skipped}); point "
+                                   "it at the annotated images")
+    logging.info("SDE tokenizer %s (step %d) encoded %d training and %d held-out views in "
+                 "%.1fs; skipped %s", config.sde_workdir, step, len(self.train),
+                 len(self.held_out), time.perf_counter() - start,
+                 {**self.skipped, **held_out_skipped} or "none")
+    s = config.sequences
+    self.format = sequences.TaskMixture({
+        "pretrain": lambda: sequences.PretrainFormat(
+            self.tokenizer, self.layout, image_first_ratio=s.image_first_ratio),
+        "understanding": lambda: sequences.UnderstandingFormat(self.tokenizer, self.layout),
+        "generation": lambda: sequences.GenerationFormat(
+            self.tokenizer, self.layout, system_texts=tuple(s.system_texts),
+            caption_drop_prob=s.caption_drop_prob),
+    }, dict(s.tasks))
+    self.pad_id = self.tokenizer.pad_token_id or 0
+
+  def rows(self, config, process_index: int, process_count: int) -> packing.PackIterator:
+    """This process's endless stream of packed training rows (Grain, checkpointable)."""
+    examples = pipeline.EndlessShuffle(grain.MapDataset.source(self.train),
+                                       pipeline.derive_seed(config.seed, 0), process_index,
+                                       process_count)
+    formatted = examples.random_map(self.format, seed=pipeline.derive_seed(
+        config.seed, 1, process_index)).to_iter_dataset()
+    return packing.PackIterDataset(formatted, config.seq_len,
+                                   buffer_size=config.sequences.pack_buffer,
+                                   pad_id=self.pad_id).__iter__()
+
+  def held_out_batches(self, config) -> list[dict[str, np.ndarray]]:
+    """The held-out views formatted once (a fixed generator) and packed: the same rows at
+    every eval, in this process's share of a batch (padded with empty rows). Every process
+    feeds all of them: the sums count each row once per process, the ratios not at all."""
+    rng = np.random.default_rng(pipeline.derive_seed(config.seed, 2))
+    built = [self.format(example, rng) for example in self.held_out]
+    built = [b for b in built if pipeline.SKIP_KEY not in b and len(b["ids"]) <= config.seq_len]
+    plan = packing.first_fit_decreasing([len(b["ids"]) for b in built], config.seq_len)
+    rows = [packing.make_row([built[i] for i in row], config.seq_len, self.pad_id)
+            for row in plan]
+    local = config.batch_size // jax.process_count()
+    rows += [{"ids": np.full(config.seq_len, self.pad_id, np.int32),
+              "segment_ids": np.zeros(config.seq_len, np.int32),
+              "loss_mask": np.zeros(config.seq_len, bool)}] * (-len(rows) % local)
+    return [next_token_targets(*(np.stack([r[k] for r in rows[i:i + local]])
+                                 for k in ("ids", "segment_ids", "loss_mask")))
+            for i in range(0, len(rows), local)]
+
+
+def stage(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop_lib.Stage:
+  """The VLM stage for the shared loop: the decoder step of ``setup``, initialised from
+  ``config.init_from``; packed rows of captioned SDE codes; per-task metrics and the
+  held-out loss."""
+  config_lib.validate_vlm(config)
+  run = setup(config, mesh)
+  data = VlmData(config)
+  held_out = data.held_out_batches(config)
+  tokens = {"count": 0, "since": time.perf_counter()}
+
+  def init():
+    return load_pretrained(run, run.init(), config)
+
+  def batches(process_index: int, process_count: int):
+    config_lib.check(config.batch_size % process_count == 0, "batch_size",
+                     f"{config.batch_size} is not a multiple of {process_count} processes",
+                     "use a multiple of the process count")
+    return PackedBatches(data.rows(config, process_index, process_count),
+                         config.batch_size // process_count)
+
+  def step(state, batch, step: int):
+    del step
+    tokens["count"] += int(np.sum(batch["segment_ids"] > 0))
+    on_mesh = {k: sharding.global_batch(v, run.batch_sharding) for k, v in batch.items()}
+    return run.train_step(state, on_mesh)
+
+  def log_metrics():
+    now = time.perf_counter()
+    rate = tokens["count"] * jax.process_count() / max(now - tokens["since"], 1e-9)
+    tokens.update(count=0, since=now)
+    # images that could not be read when the run started (the packer counts the rest)
+    return {"tokens_per_second": rate, **{f"data/images_{k.split('/')[-1]}": v
+                                          for k, v in data.skipped.items()}}
+
+  def evaluate(state, step: int, writer: metrics_lib.MetricWriter, workdir):
+    if not held_out:
+      return {}
+    totals = sum(np.asarray(jax.device_get(run.eval_step(state["params"], {
+        k: sharding.global_batch(v, run.batch_sharding) for k, v in b.items()})))
+                 for b in held_out)
+    scalars = {"eval/loss": float(np.sum(totals[0]) / max(np.sum(totals[2]), 1e-8)),
+               **{k: float(v) for k, v in stats_metrics(totals, "eval/").items()}}
+    writer.write_scalars(step, scalars)
+    writer.flush()
+    if jax.process_index() == 0:
+      loop_lib.append_eval_history(checkpoint_lib.as_path(workdir), dict(step=step, **scalars))
+    logging.info("held-out at step %d: %s", step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+    return scalars
+
+  return loop_lib.Stage(abstract_state=run.abstract_state, init=init, batches=batches,
+                        step=step, evaluate=evaluate, log_metrics=log_metrics,
+                        headline=HEADLINE)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          stop_after: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) a VLM stage with the shared loop; returns the final state, the
+  last logged metrics and the step (see ``loop.train``). An empty ``config.tokenizer_dir``
+  is the demo tokenizer, built into the workdir (the run's config.json names it)."""
+  config_lib.validate_vlm(config)
+  config = config.copy_and_resolve_references()
+  config.tokenizer_dir = demo_tokenizer_dir(config, workdir)
+  return loop_lib.train(config, workdir, stage, stop_after=stop_after)

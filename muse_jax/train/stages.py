@@ -7,8 +7,8 @@
   (what one step consumes, e.g. ``(batch_size * seq_len, "tokens")``: the
   planner's throughput), and
 - ``train(config, workdir, *, stop_after=None)`` running the shared loop
-  (``muse_jax/train/loop.py``) on the stage's ``loop.Stage``; a stage whose
-  loop has not landed yet has no ``train``.
+  (``muse_jax/train/loop.py``) on the stage's ``loop.Stage``
+  (``stage(config, mesh)``).
 
 Adding a stage is one entry below. Modules are imported on first use, so that
 ``--help`` and config errors stay quick.
@@ -23,8 +23,7 @@ from muse_jax import config_lib
 
 STAGES = {
     "sde": "muse_jax.train.sde_trainer",   # SDE tokenizer
-    "llm": "muse_jax.train.llm_trainer",   # MUSE-VL decoder: step only, its loop comes with
-                                           # the VLM stages
+    "llm": "muse_jax.train.llm_trainer",   # MUSE-VL decoder: the VLM stages (configs/vlm_*.py)
 }
 
 

@@ -1,0 +1,56 @@
+"""MUSE-VL pre-training: image-caption pairs, next-token loss on every token.
+
+MUSE-VL section 4.1: the decoder (a published Qwen2.5 / Yi-1.5 LLM, its
+vocabulary extended by the SDE codebook's 32768 visual ids plus <soi>/<eoi>)
+trains on image-caption pairs in both orders (image then caption, caption then
+image; ``sequences.image_first_ratio``), AdamW(0.9, 0.95), lr 1e-4, cosine
+schedule with warmup. Examples are packed into rows of ``seq_len`` tokens.
+
+The arg picks the base model (default qwen2.5-7b, any ``qwen2.PRESETS`` name).
+A real run starts from a converted checkpoint and the base model's tokenizer
+with the MUSE-VL tokens (``python -m muse_jax.convert llm-from-hf --muse_vl``):
+
+  python -m muse_jax.main --config=configs/vlm_pretrain.py:qwen2.5-7b --workdir=/ckpt/vlm_pt \
+      --config.init_from=/ckpt/qwen2.5-7b-muse-vl --config.tokenizer_dir=/ckpt/qwen2.5-7b-muse-vl \
+      --config.sde_workdir=/ckpt/sde_256 --config.data.image_dir=/data/images \
+      --config.data.annotations=/data/captions.json
+
+(images are tokenized when the run starts, see ``muse_jax/data/image_codes.py``:
+this serves folders of thousands of images; datasets of millions need the
+offline tokenization job, not built yet.)
+
+Demo on a CPU, after the SDE tokenizer demo (``configs/sde_256.py:demo``, whose
+workdir it reads): a 2-layer decoder trained from scratch on the bundled
+photographs' captions (``muse_jax/data/demo_annotations.json``), with a byte-level
+BPE tokenizer learnt from them into WORKDIR/tokenizer:
+
+  python -m muse_jax.main --config=configs/sde_256.py:demo --workdir=/tmp/sde_demo
+  python -m muse_jax.main --config=configs/vlm_pretrain.py:demo --workdir=/tmp/vlm_pt \
+      --config.sde_workdir=/tmp/sde_demo
+
+Then ``configs/vlm_sft.py:demo`` continues from /tmp/vlm_pt.
+"""
+
+from muse_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg)
+  presets = [a for a in args if a != "demo"]
+  c = config_lib.vlm_defaults(presets[0] if presets else "qwen2.5-7b")
+  if "demo" in args:
+    apply_demo(c)
+  return c
+
+
+def apply_demo(c):
+  """The CPU demo's decoder, data and schedule (shared with ``configs/vlm_sft.py:demo``)."""
+  c.model.update(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 mlp_dim=256, tie_word_embeddings=False, dtype="float32", remat=False)
+  c.vocab.num_visual = 1024          # the SDE demo's codebook
+  c.sde_workdir = "/tmp/sde_demo"
+  c.data.update(views=8)             # 13 training photographs x 8 crops
+  c.sequences.pack_buffer = 64
+  c.update(batch_size=8, seq_len=256, loss_chunk=128, total_steps=300, log_every=10,
+           eval_every=100, checkpoint_every=100)
+  c.optimizer.update(lr=1e-3, warmup_steps=20)
