@@ -40,9 +40,9 @@ import logging
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
-import grain
 import ml_collections
 import numpy as np
 import optax
@@ -220,7 +220,6 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
       eval_step=sharding.jit_sharded(
           eval_step, mesh, in_shardings=(state_shardings["params"], batch_shardings),
           out_shardings=replicated))
-
 
 
 HEADLINE = ("loss/lm", "loss/text", "loss/visual", "accuracy", "tokens_per_second")
