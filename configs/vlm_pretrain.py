@@ -19,14 +19,14 @@ with the MUSE-VL tokens (``python -m muse_jax.convert llm-from-hf --muse_vl``):
 this serves folders of thousands of images; datasets of millions need the
 offline tokenization job, not built yet.)
 
-Demo on a CPU, after the SDE tokenizer demo (``configs/sde_256.py:demo``, whose
-workdir it reads): a 2-layer decoder trained from scratch on the bundled
+Demo on a CPU: a 2-layer decoder trained from scratch on the bundled
 photographs' captions (``muse_jax/data/demo_annotations.json``), with a byte-level
-BPE tokenizer learnt from them into WORKDIR/tokenizer:
+BPE tokenizer learnt from them into WORKDIR/tokenizer. Its images are encoded by
+the SDE tokenizer demo (``configs/sde_256.py:demo``, carried as ``sde_config``),
+trained first into WORKDIR/sde_tokenizer unless ``--config.sde_workdir`` names a
+trained one:
 
-  python -m muse_jax.main --config=configs/sde_256.py:demo --workdir=/tmp/sde_demo
-  python -m muse_jax.main --config=configs/vlm_pretrain.py:demo --workdir=/tmp/vlm_pt \
-      --config.sde_workdir=/tmp/sde_demo
+  python -m muse_jax.main --config=configs/vlm_pretrain.py:demo --workdir=/tmp/vlm_pt
 
 Then ``configs/vlm_sft.py:demo`` continues from /tmp/vlm_pt.
 """
@@ -40,6 +40,7 @@ def get_config(arg=None):
   c = config_lib.vlm_defaults(presets[0] if presets else "qwen2.5-7b")
   if "demo" in args:
     apply_demo(c)
+    c.sde_config = config_lib.sibling_config(__file__, "sde_256").get_config("demo")
   return c
 
 
@@ -48,7 +49,6 @@ def apply_demo(c):
   c.model.update(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  mlp_dim=256, tie_word_embeddings=False, dtype="float32", remat=False)
   c.vocab.num_visual = 1024          # the SDE demo's codebook
-  c.sde_workdir = "/tmp/sde_demo"
   c.data.update(views=8)             # 13 training photographs x 8 crops
   c.sequences.pack_buffer = 64
   c.update(batch_size=8, seq_len=256, loss_chunk=128, total_steps=300, log_every=10,

@@ -14,25 +14,13 @@ run directory) or from converted weights.
       --config.sde_workdir=/ckpt/sde_256 --config.data.image_dir=/data/images \
       --config.data.annotations=/data/conversations.json
 
-Demo, after ``configs/vlm_pretrain.py:demo`` (same tokenizer, same SDE run):
+Demo, after ``configs/vlm_pretrain.py:demo``: it starts from /tmp/vlm_pt
+(``init_from``), whose config.json gives the SDE run and the text tokenizer:
 
-  python -m muse_jax.main --config=configs/vlm_sft.py:demo --workdir=/tmp/vlm_sft \
-      --config.sde_workdir=/tmp/sde_demo --config.init_from=/tmp/vlm_pt \
-      --config.tokenizer_dir=/tmp/vlm_pt/tokenizer
+  python -m muse_jax.main --config=configs/vlm_sft.py:demo --workdir=/tmp/vlm_sft
 """
 
-import importlib.util
-import os
-
 from muse_jax import config_lib
-
-
-def _pretrain_demo(c):
-  path = os.path.join(os.path.dirname(__file__), "vlm_pretrain.py")
-  spec = importlib.util.spec_from_file_location("vlm_pretrain", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  module.apply_demo(c)
 
 
 def get_config(arg=None):
@@ -42,9 +30,8 @@ def get_config(arg=None):
   c.sequences.tasks.update(pretrain=0.0, understanding=0.5, generation=0.5)
   c.optimizer.warmup_steps = 500
   if "demo" in args:
-    _pretrain_demo(c)
+    config_lib.sibling_config(__file__, "vlm_pretrain").apply_demo(c)
     c.init_from = "/tmp/vlm_pt"
-    c.tokenizer_dir = "/tmp/vlm_pt/tokenizer"
     c.update(total_steps=200)
     c.optimizer.update(lr=5e-4, warmup_steps=10)
   return c

@@ -11,7 +11,10 @@ the fix (``ConfigError``), before anything is allocated.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
+import types
 
 import ml_collections
 
@@ -55,6 +58,16 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     key, _, value = item.partition("=")
     out[key.strip()] = value.strip()
   return out
+
+
+def sibling_config(config_file: str, name: str) -> types.ModuleType:
+  """The config file ``name``.py next to ``config_file``, as a module: how one config
+  builds on another (configs are files, not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"muse_jax_configs.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 NONFINITE_MODES = ("stop", "skip")
@@ -408,15 +421,20 @@ def vlm_defaults(preset: str) -> ml_collections.ConfigDict:
   return c
 
 
-def validate_vlm(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for a VLM stage config that cannot build, train or evaluate."""
+def validate_vlm(c: ml_collections.ConfigDict, *, inputs_resolved: bool = True) -> None:
+  """Raises ConfigError for a VLM stage config that cannot build, train or evaluate.
+
+  ``inputs_resolved=False``: before ``llm_trainer.train`` fills an empty ``sde_workdir``
+  (from an ``init_from`` run, or by training ``sde_config``), it may still be empty.
+  """
   validate_llm(c)
   check("sequences" in c and "data" in c and "sde_workdir" in c, "trainer",
         "this decoder config has no data (no sde_workdir, data, sequences fields)",
         "run a VLM stage config: configs/vlm_pretrain.py or configs/vlm_sft.py")
-  check(bool(c.sde_workdir), "sde_workdir", "is empty",
+  check(bool(c.sde_workdir) or not inputs_resolved, "sde_workdir", "is empty",
         "give a trained SDE run directory (python -m muse_jax.main "
-        "--config=configs/sde_256.py:demo --workdir=DIR)")
+        "--config=configs/sde_256.py:demo --workdir=DIR), or an init_from run that names "
+        "one, or set config.sde_config to train one first as configs/vlm_pretrain.py:demo does")
   unknown = sorted(set(c.sequences.tasks) - set(VLM_TASKS))
   check(not unknown, "sequences.tasks", f"unknown tasks {unknown}", f"use {VLM_TASKS}")
   for field in ("views", "encode_batch", "num_eval_images"):

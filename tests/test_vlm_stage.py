@@ -50,6 +50,10 @@ def tiny_vlm_config(sde_dir, name="vlm_pretrain"):
   c.model.update(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
   c.vocab.num_visual = 64
   c.sde_workdir = sde_dir
+  if "sde_config" in c:   # the demo's SDE run to train first when sde_workdir is empty
+    # the programs of test_sde_trainer's 2-step runs: compiled once per test session
+    c.sde_config = tiny_sde_config(batch_size=2, total_steps=2, disc_start=10)
+    c.sde_config.update(eval_every=100, checkpoint_every=100)
   c.tokenizer_dir = ""
   c.init_from = ""
   c.data.update(views=2, num_eval_images=2)
@@ -136,10 +140,27 @@ def test_init_from_converted_weights_or_a_run_keeps_the_loaded_rows(runs, sde_ru
       weights.read(c.init_from, "model/layers/0/mlp/up_proj/kernel"))
 
   # instruction tuning starts where pre-training ended: init_from a run directory
-  sft = tiny_vlm_config(sde_run, "vlm_sft")
-  sft.update(init_from=straight_dir, tokenizer_dir=c.tokenizer_dir)
+  # (its SDE run and text tokenizer come from the run's config.json)
+  sft = tiny_vlm_config("", "vlm_sft")
+  sft.init_from = straight_dir
   out = llm_trainer.train(sft, str(tmp_path / "sft"), stop_after=0)
   assert_same_leaves(out["state"]["params"], straight["state"]["params"])
+  used = json.load(open(tmp_path / "sft" / "config.json"))
+  assert (used["sde_workdir"], used["tokenizer_dir"]) == (sde_run, c.tokenizer_dir)
+
+
+def test_a_config_without_sde_run_trains_its_sde_config_first(tmp_path):
+  c = tiny_vlm_config("")
+  workdir = tmp_path / "pt"
+  assert llm_trainer.sde_run_dir(c, str(workdir)) == str(workdir / "sde_tokenizer")
+  sde_dir = workdir / "sde_tokenizer"
+  assert json.load(open(sde_dir / "config.json"))["total_steps"] == 2
+  assert checkpoint_lib.Checkpointer(sde_dir / "checkpoints").latest_step() == 2
+  evals = (sde_dir / "eval_history.jsonl").read_text()
+  # a second start (a resumed VLM run) finds the tokenizer complete and trains nothing
+  assert llm_trainer.sde_run_dir(c, str(workdir)) == str(sde_dir)
+  assert (sde_dir / "eval_history.jsonl").read_text() == evals
+  assert checkpoint_lib.Checkpointer(sde_dir / "checkpoints").latest_step() == 2
 
 
 def test_stage_config_errors_name_the_field(sde_run, tmp_path):
@@ -148,6 +169,7 @@ def test_stage_config_errors_name_the_field(sde_run, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"^config.vocab.num_visual: .* has 64 codes"):
     llm_trainer.train(c, str(tmp_path))
   c = tiny_vlm_config("")
+  del c["sde_config"]
   with pytest.raises(config_lib.ConfigError, match=r"^config.sde_workdir: is empty"):
     llm_trainer.train(c, str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match=r"^config.trainer: .*vlm_pretrain.py"):

@@ -36,6 +36,7 @@ same losses over a fixed set of packed rows from held-out images (``eval/...``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Any
@@ -406,12 +407,52 @@ def stage(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop_li
                         headline=HEADLINE)
 
 
+def inputs_from_run(config: ml_collections.ConfigDict) -> None:
+  """Empty ``sde_workdir`` / ``tokenizer_dir`` take the values of the decoder run that
+  ``config.init_from`` names (instruction tuning reads pre-training's images and text the
+  same way). Nothing changes when ``init_from`` is converted weights or empty."""
+  if not config.init_from:
+    return
+  saved = epath.Path(config.init_from) / "config.json"
+  if not saved.exists():
+    return
+  run = json.loads(saved.read_text())
+  for field in ("sde_workdir", "tokenizer_dir"):
+    if not config[field] and run.get(field):
+      config[field] = run[field]
+      logging.info("config.%s from the run %s: %s", field, config.init_from, run[field])
+
+
+def sde_run_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``config.sde_workdir``, or (when it is empty and the config carries an SDE run
+  ``config.sde_config``, as the demo does) WORKDIR/sde_tokenizer, where that run is
+  trained first. A run already there resumes, or returns at once when it is complete."""
+  if config.sde_workdir or "sde_config" not in config:
+    return config.sde_workdir
+  from muse_jax.train import sde_trainer  # pylint: disable=g-import-not-at-top
+  directory = str(checkpoint_lib.as_path(workdir) / "sde_tokenizer")
+  logging.warning("config.sde_workdir is empty: training the SDE tokenizer of "
+                  "config.sde_config into %s first (%d steps); give "
+                  "--config.sde_workdir=DIR to use a trained one", directory,
+                  config.sde_config.total_steps)
+  sde_trainer.train(config.sde_config, directory)
+  return directory
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           stop_after: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) a VLM stage with the shared loop; returns the final state, the
-  last logged metrics and the step (see ``loop.train``). An empty ``config.tokenizer_dir``
-  is the demo tokenizer, built into the workdir (the run's config.json names it)."""
-  config_lib.validate_vlm(config)
+  last logged metrics and the step (see ``loop.train``).
+
+  Before the loop: empty ``sde_workdir`` / ``tokenizer_dir`` come from an ``init_from``
+  run (``inputs_from_run``); an SDE tokenizer is trained first when the config carries
+  one and names none (``sde_run_dir``); an empty ``tokenizer_dir`` is the demo
+  tokenizer, built into the workdir. The run's config.json records what was used.
+  """
+  config_lib.validate_vlm(config, inputs_resolved=False)
   config = config.copy_and_resolve_references()
+  inputs_from_run(config)
+  config.sde_workdir = sde_run_dir(config, workdir)
+  config_lib.validate_vlm(config)
   config.tokenizer_dir = demo_tokenizer_dir(config, workdir)
   return loop_lib.train(config, workdir, stage, stop_after=stop_after)
