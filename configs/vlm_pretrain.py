@@ -15,6 +15,11 @@ with the MUSE-VL tokens (``python -m muse_jax.convert llm-from-hf --muse_vl``):
       --config.sde_workdir=/ckpt/sde_256 --config.data.image_dir=/data/images \
       --config.data.annotations=/data/captions.json
 
+With ``new_rows_only`` in the arg (``:qwen2.5-7b,new_rows_only``) only the rows the
+vocabulary extension added (visual ids, <soi>/<eoi>) of the embedding and the LM
+head train, everything else frozen (``muse_jax/train/param_groups.py``): a short
+first phase; the full run then starts from it with ``--config.init_from=THAT_RUN``.
+
 (images are tokenized when the run starts, see ``muse_jax/data/image_codes.py``:
 this serves folders of thousands of images; datasets of millions need the
 offline tokenization job, not built yet.)
@@ -36,8 +41,11 @@ from muse_jax import config_lib
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg)
-  presets = [a for a in args if a != "demo"]
+  presets = [a for a in args if a not in ("demo", "new_rows_only")]
   c = config_lib.vlm_defaults(presets[0] if presets else "qwen2.5-7b")
+  if "new_rows_only" in args:
+    c.param_groups_default_lr_scale = 0.0
+    c.param_groups.new_rows = dict(pattern="embed_tokens|lm_head", rows="new", lr_scale=1.0)
   if "demo" in args:
     apply_demo(c)
     c.sde_config = config_lib.sibling_config(__file__, "sde_256").get_config("demo")

@@ -351,6 +351,10 @@ def llm_defaults(preset: str) -> ml_collections.ConfigDict:
       warmup_steps=2_000,
       schedule="cosine",
   ))
+  # parts of the decoder frozen or trained at their own rate (muse_jax/train/param_groups.py):
+  # name -> dict(pattern=regex on parameter names, lr_scale=float, rows="all" | "new")
+  c.param_groups = ml_collections.ConfigDict()
+  c.param_groups_default_lr_scale = 1.0
   return c
 
 

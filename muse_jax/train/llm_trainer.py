@@ -66,6 +66,7 @@ from muse_jax.train import lm_loss
 from muse_jax.train import loop as loop_lib
 from muse_jax.train import metrics as metrics_lib
 from muse_jax.train import optimizers
+from muse_jax.train import param_groups
 
 BATCH_KEYS = {"ids": jnp.int32, "segment_ids": jnp.int32, "targets": jnp.int32,
               "weights": jnp.float32}
@@ -181,6 +182,9 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   state_shardings = sharding.shardings(abstract, mesh)
 
   layout = config_lib.vocab_layout(config)
+  grouped = param_groups.active(config)
+  if grouped:
+    param_groups.validate(config, [name for name, _ in weights.named_leaves(abstract["params"])])
 
   def stats_fn(params, batch):
     """[3, 2] sums (nll, correct, weight) over text targets (column 0) and visual ones (1)."""
@@ -196,7 +200,13 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
 
   def train_step(state, batch):
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    if grouped:
+      scales = param_groups.scales(state["params"], config, model_config.vocab_size,
+                                   layout.text_size)
+      grads = param_groups.mask_gradients(grads, scales)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    if grouped:
+      updates = param_groups.scale_updates(updates, scales)
     new = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
            "opt_state": opt_state}
     metrics = {"loss/lm": loss, **stats_metrics(stats), "grad_norm": optax.tree.norm(grads),
