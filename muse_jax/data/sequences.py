@@ -292,16 +292,20 @@ class GenerationFormat(_Format):
     self._soi = np.array([layout.soi_id], np.int32)
     self._eoi = np.array([layout.eoi_id], np.int32)
 
+  def prompt(self, caption_ids: np.ndarray | None, choice: int = 0) -> np.ndarray:
+    """The ids before the image, ending in ``<soi>``: with ``caption_ids`` after system
+    text ``choice``, or (None) the caption-dropped, unconditional prompt. Inference
+    (``muse_jax.inference.generate``) builds its prompts with this too."""
+    user = ([self._alone[choice]] if caption_ids is None else
+            [self._with_caption[choice], self._builder.checked(np.asarray(caption_ids, np.int32))])
+    return np.concatenate([self._head, *user, self._tail, self._soi])
+
   def build(self, example, rng):
     b = self._builder
     visual = b.visual(example)
     choice = int(rng.integers(len(self._alone)))
-    if rng.random() < self._caption_drop_prob:
-      user = [(self._alone[choice], False)]
-    else:
-      user = [(self._with_caption[choice], False), (b.caption(example), False)]
-    return b.join([(self._head, False), *user, (self._tail, False), (self._soi, False),
-                   (visual, True), (self._eoi, True)])
+    caption = None if rng.random() < self._caption_drop_prob else b.caption(example)
+    return b.join([(self.prompt(caption, choice), False), (visual, True), (self._eoi, True)])
 
 
 class TaskMixture(_Format):
