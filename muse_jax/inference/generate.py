@@ -256,8 +256,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
   args = _parser().parse_args(argv)
   prompts = _read_prompts(args)
-  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.batch_size < 1:
-    raise ValueError("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, --batch_size >= 1")
+  if (args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.batch_size < 1
+      or args.seed < 0):
+    raise ValueError("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, "
+                     "--batch_size >= 1, --seed >= 0")
   run = vlm_run.load(args.workdir, args.step)
   sde, _, sde_step = sde_tokenizer.load_tokenizer(vlm_run.sde_workdir(run.config))
   options = SamplingOptions(cfg_scale=None if args.cfg_scale == 1.0 else args.cfg_scale,

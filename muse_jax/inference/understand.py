@@ -253,9 +253,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   else:
     entries = [{"image": args.image, "turns": args.question}]
   if (args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1
-      or args.batch_size < 1 or args.max_new_tokens < 1):
+      or args.batch_size < 1 or args.max_new_tokens < 1 or args.seed < 0):
     raise ValueError("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1, "
-                     "--batch_size >= 1, --max_new_tokens >= 1")
+                     "--batch_size >= 1, --max_new_tokens >= 1, --seed >= 0")
   # images are read before any weights, so that a bad path fails at once
   sde_dir = vlm_run.sde_workdir(vlm_run.read_config(args.workdir))
   sde_config = json.loads((epath.Path(sde_dir) / "config.json").read_text())
