@@ -132,9 +132,9 @@ def test_mismatched_checkpoint_names_tensor(straight_and_resumed):
 
 
 def test_trained_tokenizer_loads_for_inference(straight_and_resumed):
-  from muse_jax.inference import reconstruct
+  from muse_jax.inference import sde_tokenizer
   _, straight_dir, _, straight, _, _ = straight_and_resumed
-  tokenizer, config, step = reconstruct.load_tokenizer(straight_dir)
+  tokenizer, config, step = sde_tokenizer.load_tokenizer(straight_dir)
   assert step == 6
   trained = jax.device_get(straight["state"]["params"]["quantizer"]["codebook"][...])
   np.testing.assert_array_equal(np.asarray(tokenizer.quantizer.codebook[...]), trained)
