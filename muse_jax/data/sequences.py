@@ -187,8 +187,12 @@ class PretrainFormat(_Format):
     return b.join([(parts[0], True), (parts[1], True), (self._eos, True)])
 
 
-def _messages(conversation: Sequence[dict]) -> list[dict[str, str]]:
-  """LLaVA turns or role/content messages -> role/content messages, the image placed."""
+def _messages(conversation: Sequence[dict], answered: bool = True) -> list[dict[str, str]]:
+  """LLaVA turns or role/content messages -> role/content messages, the image placed.
+
+  ``answered``: the conversation must have an assistant turn, and ends with the last
+  one; otherwise (a prompt) it must end with a user turn.
+  """
   if not isinstance(conversation, (list, tuple)):
     raise images.BadExample("bad_conversation", f"turns are a {type(conversation).__name__}")
   messages = []
@@ -200,10 +204,13 @@ def _messages(conversation: Sequence[dict]) -> list[dict[str, str]]:
     if role is None or not isinstance(content, str):
       raise images.BadExample("bad_conversation", f"unusable turn {turn!r:.80}")
     messages.append({"role": role, "content": content})
-  assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-  if not assistant:
-    raise images.BadExample("bad_conversation", "no assistant turn")
-  messages = messages[:assistant[-1] + 1]
+  if answered:
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not assistant:
+      raise images.BadExample("bad_conversation", "no assistant turn")
+    messages = messages[:assistant[-1] + 1]
+  elif not messages or messages[-1]["role"] != "user":
+    raise images.BadExample("bad_conversation", "a prompt must end with a user turn")
   placeholders = [m["content"].count(IMAGE_PLACEHOLDER) for m in messages]
   if sum(placeholders) > 1 or any(p for p, m in zip(placeholders, messages)
                                   if m["role"] != "user"):
@@ -230,14 +237,14 @@ class UnderstandingFormat(_Format):
     return self._builder.tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-  def _text_spans(self, messages) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, loss) spans, assistant turns with loss."""
+  def _text_spans(self, messages, open_turn: bool = False) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, loss) spans, assistant turns with loss;
+    ``open_turn`` adds the prompt of the next assistant turn after the last message."""
     spans, done = [], ""
-    for k, message in enumerate(messages):
-      if message["role"] != "assistant":
-        continue
+    ends = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    for k in ends + ([len(messages)] if open_turn else []):
       prompt = self._render(messages[:k], True)
-      full = self._render(messages[:k + 1], False)
+      full = self._render(messages[:k + 1], False) if k < len(messages) else prompt
       if not (prompt.startswith(done) and full.startswith(prompt)):
         raise config_lib.ConfigError(
             "config.tokenizer_dir: the tokenizer's chat template renders a conversation's "
@@ -249,10 +256,10 @@ class UnderstandingFormat(_Format):
       done = full
     return [(text, loss) for text, loss in spans if text]
 
-  def build(self, example, rng=None):
+  def _pieces(self, spans, example) -> dict[str, np.ndarray]:
     b = self._builder
     pieces = []
-    for text, loss in self._text_spans(_messages(example.get("conversations", ()))):
+    for text, loss in spans:
       if IMAGE_PLACEHOLDER in text:
         if loss:
           raise images.BadExample("bad_conversation", "<image> in an assistant turn")
@@ -261,6 +268,17 @@ class UnderstandingFormat(_Format):
       else:
         pieces.append((b.text(text), loss))
     return b.join(pieces)
+
+  def build(self, example, rng=None):
+    return self._pieces(self._text_spans(_messages(example.get("conversations", ()))), example)
+
+  def prompt(self, example) -> np.ndarray:
+    """The ids an answer continues: ``example``'s conversation, which ends with a user
+    turn (earlier assistant turns included, laid out as ``build`` lays them out),
+    then the template's generation prompt. Raises BadExample as ``build`` does.
+    Inference (``muse_jax.inference.understand``) builds its prompts with this."""
+    messages = _messages(example.get("conversations", ()), answered=False)
+    return self._pieces(self._text_spans(messages, open_turn=True), example)["ids"]
 
 
 class GenerationFormat(_Format):
@@ -292,16 +310,20 @@ class GenerationFormat(_Format):
     self._soi = np.array([layout.soi_id], np.int32)
     self._eoi = np.array([layout.eoi_id], np.int32)
 
+  def prompt(self, caption_ids: np.ndarray | None, choice: int = 0) -> np.ndarray:
+    """The ids before the image, ending in ``<soi>``: with ``caption_ids`` after system
+    text ``choice``, or (None) the caption-dropped, unconditional prompt. Inference
+    (``muse_jax.inference.generate``) builds its prompts with this too."""
+    user = ([self._alone[choice]] if caption_ids is None else
+            [self._with_caption[choice], self._builder.checked(np.asarray(caption_ids, np.int32))])
+    return np.concatenate([self._head, *user, self._tail, self._soi])
+
   def build(self, example, rng):
     b = self._builder
     visual = b.visual(example)
     choice = int(rng.integers(len(self._alone)))
-    if rng.random() < self._caption_drop_prob:
-      user = [(self._alone[choice], False)]
-    else:
-      user = [(self._with_caption[choice], False), (b.caption(example), False)]
-    return b.join([(self._head, False), *user, (self._tail, False), (self._soi, False),
-                   (visual, True), (self._eoi, True)])
+    caption = None if rng.random() < self._caption_drop_prob else b.caption(example)
+    return b.join([(self.prompt(caption, choice), False), (visual, True), (self._eoi, True)])
 
 
 class TaskMixture(_Format):

@@ -20,6 +20,7 @@ from absl import flags
 from etils import epath
 from PIL import Image
 
+from muse_jax import cli
 from muse_jax.data import images as image_lib
 from muse_jax.inference import sde_tokenizer
 from muse_jax.train import losses
@@ -62,4 +63,5 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir", "images"])
-  app.run(main)
+  # absl parses the flags; a user error (no such run, mismatched weights) is then one line
+  app.run(lambda argv: cli.run(main, argv, "python -m muse_jax.inference.reconstruct"))

@@ -277,11 +277,24 @@ class Qwen2ForCausalLM(nnx.Module):
       return self.model.embed_tokens.embedding[...].T
     return self.lm_head.in_out_kernel()
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
+  def output_kernel(self, start: int = 0, stop: int | None = None) -> tuple[jax.Array, bool]:
+    """(LM-head kernel of vocab ids [start, stop), whether it is stored [out, in]).
+
+    A sampler restricted to some ids (MUSE-VL's visual ids) slices it once, outside
+    its decode loop, and passes it to ``logits`` at every step.
+    """
     if self.lm_head is None:   # the embedding is [vocab, hidden]: an [out, in] kernel
       kernel, out_in = self.model.embed_tokens.embedding[...], True
     else:
       kernel, out_in = self.lm_head.kernel[...], self.lm_head.kernel_out_in
+    if start or stop is not None:
+      kernel = kernel[start:stop] if out_in else kernel[:, start:stop]
+    return kernel, out_in
+
+  def logits(self, hidden: jax.Array,
+             output_kernel: tuple[jax.Array, bool] | None = None) -> jax.Array:
+    """Logits [..., vocab] (float32), or over the ids of ``output_kernel`` when given."""
+    kernel, out_in = output_kernel or self.output_kernel()
     rows = hidden.reshape(-1, hidden.shape[-1]).astype(self.config.dtype)
     logits = layers.matmul(rows, kernel.astype(self.config.dtype), kernel_out_in=out_in,
                            preferred_element_type=jnp.float32, impl=self.matmul_impl)
