@@ -9,7 +9,6 @@ random few every epoch) are the documented remainder.
 from __future__ import annotations
 
 import grain
-import numpy as np
 import pytest
 
 from muse_jax import data

@@ -15,7 +15,6 @@ from tpu_topology import tpu_mesh
 from muse_jax import config_lib
 from muse_jax.kernels import attention
 from muse_jax.models import qwen2
-from muse_jax.parallel import sharding
 from muse_jax.train import lm_loss
 
 SMALL_TILES = dict(block_q=128, block_kv=128)
