@@ -244,12 +244,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="caption of the unconditional prompt (default: none, as trained)")
   parser.add_argument("--system_text", default=None,
                       help="instruction before the caption (default: the run's first)")
-  parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-  parser.add_argument("--top_k", type=int, default=0, help="0 = off")
-  parser.add_argument("--top_p", type=float, default=1.0)
-  parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-  parser.add_argument("--batch_size", type=int, default=8, help="prompts per jitted call")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  vlm_run.add_sampling_flags(parser, temperature=1.0, item="prompt")
   return parser
 
 

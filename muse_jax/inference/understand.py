@@ -233,12 +233,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--conversations", help="JSON file of conversations (see above)")
   parser.add_argument("--out", default=None, help="write the answers here as JSON")
   parser.add_argument("--max_new_tokens", type=int, default=64)
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  parser.add_argument("--top_k", type=int, default=0, help="0 = off")
-  parser.add_argument("--top_p", type=float, default=1.0)
-  parser.add_argument("--seed", type=int, default=0, help="conversation i uses seed + i")
-  parser.add_argument("--batch_size", type=int, default=8, help="conversations per call")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  vlm_run.add_sampling_flags(parser, temperature=0.0, item="conversation")
   return parser
 
 

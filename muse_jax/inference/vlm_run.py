@@ -10,6 +10,7 @@ checkpoint (``weights.load_run_params``): no optimiser is built.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from typing import Any
@@ -81,3 +82,14 @@ def load(workdir: str, step: int | None = None) -> VlmRun:
                             "tokenizer_config.json")
   tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer_dir)
   return VlmRun(decoder, config_lib.vocab_layout(config), tokenizer, config, step)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, temperature: float, item: str) -> None:
+  """The sampling, batching and checkpoint flags ``generate`` and ``understand`` share;
+  ``item`` names what one seed and one batch row stand for (prompt, conversation)."""
+  parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+  parser.add_argument("--top_k", type=int, default=0, help="0 = off")
+  parser.add_argument("--top_p", type=float, default=1.0)
+  parser.add_argument("--seed", type=int, default=0, help=f"{item} i uses seed + i")
+  parser.add_argument("--batch_size", type=int, default=8, help=f"{item}s per jitted call")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
