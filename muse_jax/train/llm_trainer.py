@@ -436,11 +436,16 @@ def inputs_from_run(config: ml_collections.ConfigDict) -> None:
 def sde_run_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``config.sde_workdir``, or (when it is empty and the config carries an SDE run
   ``config.sde_config``, as the demo does) WORKDIR/sde_tokenizer, where that run is
-  trained first. A run already there resumes, or returns at once when it is complete."""
+  trained first. A run already there resumes; a complete one is used as it is."""
   if config.sde_workdir or "sde_config" not in config:
     return config.sde_workdir
   from muse_jax.train import sde_trainer  # pylint: disable=g-import-not-at-top
   directory = str(checkpoint_lib.as_path(workdir) / "sde_tokenizer")
+  checkpoints = checkpoint_lib.Checkpointer(checkpoint_lib.as_path(directory) / "checkpoints")
+  finished = checkpoints.latest_step() == config.sde_config.total_steps
+  checkpoints.close()
+  if finished:   # a restart of the VLM run: nothing to build or restore
+    return directory
   logging.warning("config.sde_workdir is empty: training the SDE tokenizer of "
                   "config.sde_config into %s first (%d steps); give "
                   "--config.sde_workdir=DIR to use a trained one", directory,
