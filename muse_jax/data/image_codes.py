@@ -77,8 +77,10 @@ def split(entries: list[dict], image_dir: str, num_eval: int) -> tuple[list[dict
           [e for e, p in zip(entries, paths) if p in held_out])
 
 
-def _crops(data: bytes, *, size: int, views: int, min_scale: float, rng: np.random.Generator,
-           max_pixels: int) -> list[np.ndarray]:
+def view_crops(data: bytes, *, size: int, views: int, min_scale: float,
+               rng: np.random.Generator, max_pixels: int) -> list[np.ndarray]:
+  """uint8 [size, size, 3] crops of an encoded image: its centre, then ``views - 1``
+  random squares. Raises ``images.BadExample`` for undecodable bytes."""
   rgb = image_lib.decode_rgb(data, max_pixels=max_pixels)
   boxes = [image_lib.center_crop_box(*rgb.size)]
   boxes += [image_lib.random_crop_box(*rgb.size, min_scale, rng) for _ in range(views - 1)]
@@ -96,8 +98,8 @@ def code_examples(entries: list[dict], image_dir: str,
   for entry in entries:
     try:
       data = epath.Path(os.path.join(image_dir, entry["file"])).read_bytes()
-      crops = _crops(data, size=image_size, views=views, min_scale=min_scale, rng=rng,
-                     max_pixels=max_pixels)
+      crops = view_crops(data, size=image_size, views=views, min_scale=min_scale, rng=rng,
+                         max_pixels=max_pixels)
     except (OSError, image_lib.BadExample) as e:
       reason = e.reason if isinstance(e, image_lib.BadExample) else "unreadable"
       skipped[f"data/skipped_{reason}"] = skipped.get(f"data/skipped_{reason}", 0) + 1
