@@ -407,6 +407,9 @@ def vlm_defaults(preset: str) -> ml_collections.ConfigDict:
   # tokenizer on the annotations' texts into WORKDIR/tokenizer (once)
   c.tokenizer_dir = ""
   c.data = ml_collections.ConfigDict(dict(
+      # SDE code shards of python -m muse_jax.tokenize_images (its --out directory): read
+      # instead of encoding the images below when the stage starts (the SDE run is not loaded)
+      code_shards="",
       image_dir="",                 # "" = the photographs scikit-image ships
       annotations="",               # "" = muse_jax/data/demo_annotations.json
       num_eval_images=4,            # held out (sources.split_eval): the held-out loss

@@ -23,8 +23,10 @@ muse_jax.convert llm-from-hf --muse_vl``) or a previous decoder run's workdir
 (pre-training -> instruction tuning), read straight into the state's shardings.
 
 ``stage(config, mesh)`` is the VLM stage for ``loop.train`` (``configs/vlm_pretrain.py``,
-``configs/vlm_sft.py``): captioned images encoded once by a trained SDE run
-(``muse_jax/data/image_codes.py``), built into sequences by the task mixture of
+``configs/vlm_sft.py``): captioned images as SDE codes, read from the shards of
+``python -m muse_jax.tokenize_images`` (``config.data.code_shards``,
+``muse_jax/data/code_shards.py``) or encoded once when the stage starts by a trained
+SDE run (``muse_jax/data/image_codes.py``), built into sequences by the task mixture of
 ``config.sequences.tasks`` (``muse_jax/data/sequences.py``), packed
 (``muse_jax/data/packing.py``) in a Grain pipeline whose position is in every
 checkpoint. Logged: the losses and accuracies above, ``tokens_per_second``
@@ -53,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from muse_jax import config_lib
 from muse_jax import weights
+from muse_jax.data import code_shards
 from muse_jax.data import image_codes
 from muse_jax.data import packing
 from muse_jax.data import pipeline
@@ -285,42 +288,17 @@ def demo_tokenizer_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 class VlmData:
   """The stage's examples: training and held-out images of ``config.data`` as SDE codes
-  (encoded once, by the run ``config.sde_workdir``), and the sequence format."""
+  (read from the shards of ``config.data.code_shards``, or else encoded once, by the run
+  ``config.sde_workdir``, when the stage starts), and the sequence format."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    from muse_jax.inference import sde_tokenizer  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
     self.layout = config_lib.vocab_layout(config)
-    d = config.data
-    if not (epath.Path(config.sde_workdir) / "config.json").exists():
-      raise config_lib.ConfigError(
-          f"config.sde_workdir: {config.sde_workdir!r} has no config.json; give a trained SDE "
-          "run (python -m muse_jax.main --config=configs/sde_256.py:demo --workdir=DIR)")
-    sde, sde_config, step = sde_tokenizer.load_tokenizer(config.sde_workdir)
-    config_lib.check(sde_config.model.codebook_size == self.layout.num_visual, "vocab.num_visual",
-                     f"{self.layout.num_visual}, but the SDE tokenizer in {config.sde_workdir} "
-                     f"has {sde_config.model.codebook_size} codes",
-                     f"set it to {sde_config.model.codebook_size}")
+    if config.data.code_shards:
+      self._read_shards(config)
+    else:
+      self._encode_images(config)
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer_dir)
-    image_dir = d.image_dir or sources.bundled_dir()
-    train, held_out = image_codes.split(image_codes.load_annotations(d.annotations), image_dir,
-                                        d.num_eval_images)
-    encode = sde_tokenizer.batched_encoder(sde, d.encode_batch)
-    common = dict(image_size=sde_config.model.encoder.image_size, max_pixels=d.max_image_pixels)
-    start = time.perf_counter()
-    self.train, self.skipped = image_codes.code_examples(
-        train, image_dir, encode, views=d.views, min_scale=d.min_scale, seed=config.seed,
-        **common)
-    self.held_out, held_out_skipped = image_codes.code_examples(held_out, image_dir, encode,
-                                                                **common)
-    if not self.train:
-      raise config_lib.ConfigError(f"config.data.image_dir: no readable training image of the "
-                                   f"annotations under {image_dir!r} ({self.skipped}); point "
-                                   "it at the annotated images")
-    logging.info("SDE tokenizer %s (step %d) encoded %d training and %d held-out views in "
-                 "%.1fs; skipped %s", config.sde_workdir, step, len(self.train),
-                 len(self.held_out), time.perf_counter() - start,
-                 {**self.skipped, **held_out_skipped} or "none")
     s = config.sequences
     self.format = sequences.TaskMixture({
         "pretrain": lambda: sequences.PretrainFormat(
@@ -332,10 +310,63 @@ class VlmData:
     }, dict(s.tasks))
     self.pad_id = self.tokenizer.pad_token_id or 0
 
+  def _read_shards(self, config: ml_collections.ConfigDict) -> None:
+    """The examples ``python -m muse_jax.tokenize_images`` wrote (the tokenizer is not
+    loaded), if they are codes of the tokenizer this run decodes with."""
+    directory = config.data.code_shards
+    manifest = code_shards.read_manifest(directory)
+    checkpoints = checkpoint_lib.Checkpointer(
+        checkpoint_lib.as_path(config.sde_workdir) / "checkpoints")
+    step = checkpoints.latest_step()
+    checkpoints.close()
+    code_shards.check_tokenizer(manifest, directory, sde_workdir=config.sde_workdir,
+                                sde_step=step, num_visual=self.layout.num_visual)
+    self.train = code_shards.examples(directory, manifest, "train")
+    self.held_out = list(code_shards.examples(directory, manifest, "eval"))
+    self.skipped = code_shards.skipped(manifest, "train")
+    if not len(self.train):
+      raise config_lib.ConfigError(f"config.data.code_shards: {directory!r} holds no training "
+                                   "example; tokenize a dataset with readable images into it")
+    logging.info("code shards %s (SDE run %s, step %d): %d training and %d held-out views",
+                 directory, config.sde_workdir, step, len(self.train), len(self.held_out))
+
+  def _encode_images(self, config: ml_collections.ConfigDict) -> None:
+    """The annotated images encoded now by the SDE run (small runs and the demo)."""
+    from muse_jax.inference import sde_tokenizer  # pylint: disable=g-import-not-at-top
+    d = config.data
+    if not (epath.Path(config.sde_workdir) / "config.json").exists():
+      raise config_lib.ConfigError(
+          f"config.sde_workdir: {config.sde_workdir!r} has no config.json; give a trained SDE "
+          "run (python -m muse_jax.main --config=configs/sde_256.py:demo --workdir=DIR)")
+    sde, sde_config, step = sde_tokenizer.load_tokenizer(config.sde_workdir)
+    config_lib.check(sde_config.model.codebook_size == self.layout.num_visual, "vocab.num_visual",
+                     f"{self.layout.num_visual}, but the SDE tokenizer in {config.sde_workdir} "
+                     f"has {sde_config.model.codebook_size} codes",
+                     f"set it to {sde_config.model.codebook_size}")
+    image_dir = d.image_dir or sources.bundled_dir()
+    train, held_out = image_codes.split(image_codes.load_annotations(d.annotations), image_dir,
+                                        d.num_eval_images)
+    encode = sde_tokenizer.batched_encoder(sde, d.encode_batch)
+    common = dict(image_size=sde_config.model.encoder.image_size, max_pixels=d.max_image_pixels)
+    start = time.perf_counter()
+    train, self.skipped = image_codes.code_examples(
+        train, image_dir, encode, views=d.views, min_scale=d.min_scale, seed=config.seed,
+        **common)
+    self.train = grain.MapDataset.source(train)
+    self.held_out, held_out_skipped = image_codes.code_examples(held_out, image_dir, encode,
+                                                                **common)
+    if not train:
+      raise config_lib.ConfigError(f"config.data.image_dir: no readable training image of the "
+                                   f"annotations under {image_dir!r} ({self.skipped}); point "
+                                   "it at the annotated images")
+    logging.info("SDE tokenizer %s (step %d) encoded %d training and %d held-out views in "
+                 "%.1fs; skipped %s", config.sde_workdir, step, len(self.train),
+                 len(self.held_out), time.perf_counter() - start,
+                 {**self.skipped, **held_out_skipped} or "none")
+
   def rows(self, config, process_index: int, process_count: int) -> packing.PackIterator:
     """This process's endless stream of packed training rows (Grain, checkpointable)."""
-    examples = pipeline.EndlessShuffle(grain.MapDataset.source(self.train),
-                                       pipeline.derive_seed(config.seed, 0), process_index,
+    examples = pipeline.EndlessShuffle(self.train, pipeline.derive_seed(config.seed, 0), process_index,
                                        process_count)
     formatted = examples.random_map(self.format, seed=pipeline.derive_seed(
         config.seed, 1, process_index)).to_iter_dataset()
@@ -433,6 +464,15 @@ def inputs_from_run(config: ml_collections.ConfigDict) -> None:
       logging.info("config.%s from the run %s: %s", field, config.init_from, run[field])
 
 
+def sde_run_of_shards(config: ml_collections.ConfigDict) -> None:
+  """An empty ``sde_workdir`` takes the SDE run that encoded ``config.data.code_shards``
+  (the run the stage's images are decoded with later)."""
+  if config.data.code_shards and not config.sde_workdir:
+    config.sde_workdir = code_shards.read_manifest(config.data.code_shards)["sde_workdir"]
+    logging.info("config.sde_workdir from the code shards %s: %s", config.data.code_shards,
+                 config.sde_workdir)
+
+
 def sde_run_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``config.sde_workdir``, or (when it is empty and the config carries an SDE run
   ``config.sde_config``, as the demo does) WORKDIR/sde_tokenizer, where that run is
@@ -460,13 +500,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   last logged metrics and the step (see ``loop.train``).
 
   Before the loop: empty ``sde_workdir`` / ``tokenizer_dir`` come from an ``init_from``
-  run (``inputs_from_run``); an SDE tokenizer is trained first when the config carries
+  run (``inputs_from_run``), or ``sde_workdir`` from the code shards
+  (``sde_run_of_shards``); an SDE tokenizer is trained first when the config carries
   one and names none (``sde_run_dir``); an empty ``tokenizer_dir`` is the demo
   tokenizer, built into the workdir. The run's config.json records what was used.
   """
   config_lib.validate_vlm(config, inputs_resolved=False)
   config = config.copy_and_resolve_references()
   inputs_from_run(config)
+  sde_run_of_shards(config)
   config.sde_workdir = sde_run_dir(config, workdir)
   config_lib.validate_vlm(config)
   config.tokenizer_dir = demo_tokenizer_dir(config, workdir)
