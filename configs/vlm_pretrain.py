@@ -20,9 +20,10 @@ vocabulary extension added (visual ids, <soi>/<eoi>) of the embedding and the LM
 head train, everything else frozen (``muse_jax/train/param_groups.py``): a short
 first phase; the full run then starts from it with ``--config.init_from=THAT_RUN``.
 
-(images are tokenized when the run starts, see ``muse_jax/data/image_codes.py``:
-this serves folders of thousands of images; datasets of millions need the
-offline tokenization job, not built yet.)
+(the images are tokenized when the run starts, see ``muse_jax/data/image_codes.py``:
+this serves folders of thousands of images. Datasets of millions are tokenized
+once by ``python -m muse_jax.tokenize_images --sde_workdir=/ckpt/sde_256
+--out=/data/codes ...`` and read with ``--config.data.code_shards=/data/codes``.)
 
 Demo on a CPU: a 2-layer decoder trained from scratch on the bundled
 photographs' captions (``muse_jax/data/demo_annotations.json``), with a byte-level

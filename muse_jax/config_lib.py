@@ -408,7 +408,8 @@ def vlm_defaults(preset: str) -> ml_collections.ConfigDict:
   c.tokenizer_dir = ""
   c.data = ml_collections.ConfigDict(dict(
       # SDE code shards of python -m muse_jax.tokenize_images (its --out directory): read
-      # instead of encoding the images below when the stage starts (the SDE run is not loaded)
+      # instead of encoding the images below when the stage starts (the SDE run is not
+      # loaded); their eval split is the held-out set
       code_shards="",
       image_dir="",                 # "" = the photographs scikit-image ships
       annotations="",               # "" = muse_jax/data/demo_annotations.json

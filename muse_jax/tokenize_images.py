@@ -310,9 +310,20 @@ def _write_json(path: epath.Path, value: dict, tag: int) -> None:
   temporary.replace(path)
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+  """A nested dict as {"a.b": leaf}: a mismatch is reported by the one field that differs."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def _check_same_job(out: epath.Path, spec: dict) -> None:
-  stored = json.loads((out / code_shards.MANIFEST).read_text())
-  for field, value in spec.items():
+  stored = _leaves(json.loads((out / code_shards.MANIFEST).read_text()))
+  for field, value in _leaves(spec).items():
     if stored.get(field) != value:
       raise ValueError(f"--out={os.fspath(out)!r} holds shards of another job ({field}: "
                        f"{stored.get(field)!r} there, {value!r} now); use a new --out, or "

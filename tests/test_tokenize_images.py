@@ -20,6 +20,7 @@ import test_vlm_stage
 from test_vlm_stage import tiny_vlm_config
 
 from muse_jax.data import code_shards
+from muse_jax.data import config as data_config
 from muse_jax.data import image_codes
 from muse_jax.data import images as image_lib
 from muse_jax.data import sources
@@ -97,7 +98,7 @@ def test_shards_hold_the_tokenizers_codes_and_count_bad_images(sde_run, folder, 
                                        {"from": "gpt", "value": name}]
 
   # the same --out with other crops is another job: refused, nothing overwritten
-  with pytest.raises(ValueError, match=r"holds shards of another job \(source: "):
+  with pytest.raises(ValueError, match=r"holds shards of another job \(source.views: 2 there, 1 now\)"):
     tokenize_images.tokenize(annotation_source(folder, views=1), sde_run, str(out),
                              batch_size=4, shard_size=2)
 
@@ -186,3 +187,26 @@ def test_vlm_stage_reads_the_shards_as_it_encodes_the_images(demo_shards, sde_ru
   result = llm_trainer.train(config, str(tmp_path / "run"), stop_after=1)
   assert result["step"] == 1 and np.isfinite(result["metrics"]["loss/lm"])
   assert json.load(open(tmp_path / "run" / "config.json"))["sde_workdir"] == sde_run
+
+
+def test_cc12m_webdataset_with_recaptions_through_the_grain_sources(sde_run, tmp_path):
+  from test_data_fixtures import write_recaptions, write_webdataset
+  write_webdataset(str(tmp_path / "cc12m"), shards=2, per_shard=3)
+  keys = [f"{i:09d}" for i in range(6)]
+  rows = write_recaptions(str(tmp_path / "recap.jsonl"), keys, skip=(keys[4],))
+  data = data_config.image_data_config(
+      source="cc12m", cc12m_shards=str(tmp_path / "cc12m" / "*.tar"), image_size=32,
+      num_eval_images=1, caption_source="recaption", recaption_file=str(tmp_path / "recap.jsonl"))
+  source = tokenize_images.DataSource(data, views=2, seed=0)
+  out = tmp_path / "codes"
+  manifest = tokenize_images.tokenize(source, sde_run, str(out), batch_size=4, shard_size=4)
+  assert manifest["units"] == {"eval": 1, "train": 2}      # one unit per tar shard
+  assert manifest["totals"]["train"] == {"records": 5, "examples": 8,
+                                         "skipped": {"missing_caption": 1}}
+  held_out = list(code_shards.examples(str(out), manifest, "eval"))
+  assert [e["key"] for e in held_out] == [f"{keys[0]}#0"]
+  train = list(code_shards.examples(str(out), manifest, "train"))
+  assert [e["key"] for e in train] == [f"{k}#{v}" for k in keys[1:] if k != keys[4]
+                                       for v in (0, 1)]
+  captions = {r["id"]: r["caption"] for r in rows}
+  assert all(e["caption"] == captions[e["key"][:9]] for e in train)

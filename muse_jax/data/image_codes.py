@@ -4,7 +4,8 @@ The VLM stages train on examples ``{"key", "codes" [h, w] int32, "caption",
 "conversations"}`` (what ``muse_jax.data.sequences`` formats read). For the demo
 and other small runs the images are encoded here, once, by a trained SDE
 tokenizer (an ``encode`` function: ``inference.sde_tokenizer.batched_encoder``),
-so that no offline tokenization job has to run first; the examples then live in
+so that the offline tokenization job (``python -m muse_jax.tokenize_images``, whose
+shards hold these same example dicts) need not run first; the examples then live in
 memory for the whole run.
 
 Annotations are a JSON file ``{"images": [{"file", "caption", "qa": [[question,

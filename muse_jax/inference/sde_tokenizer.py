@@ -1,7 +1,9 @@
 """A trained SDE tokenizer as a library: its weights from a run, and batched encoding.
 
-Shared by ``python -m muse_jax.inference.reconstruct`` and the VLM stages, which
-encode their images with it when a run starts (``muse_jax/data/image_codes.py``).
+Shared by ``python -m muse_jax.inference.reconstruct``, the offline tokenization job
+(``python -m muse_jax.tokenize_images``) and the VLM stages, which encode their
+images with it when a run starts (``muse_jax/data/image_codes.py``) unless they read
+the job's code shards.
 No flags here: importing it defines none.
 """
 
