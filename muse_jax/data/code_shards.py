@@ -78,8 +78,8 @@ def read_manifest(directory: str, field: str = "code_shards") -> dict:
                           f"{manifest.get('format')!r}, this reader reads {FORMAT}; {fix}")
   if not manifest.get("complete"):
     done = sum(1 for split in SPLITS for unit in range(manifest["units"][split])
-               if (epath.Path(directory) / counts_name(
-                   shard_name(split, unit, manifest["units"][split]))).exists())
+               if (epath.Path(directory) / shard_name(split, unit,
+                                                      manifest["units"][split])).exists())
     raise DataConfigError(f"config.data.{field}={directory!r} is incomplete ({done} of "
                           f"{sum(manifest['units'].values())} shards written); {fix}")
   return manifest
