@@ -10,6 +10,13 @@ import tempfile
 from http import HTTPStatus
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Trainer tests build the same step functions several times (straight run, killed
+# run, resumed run), many of them in subprocesses of ``muse_jax.main``: one
+# persistent compilation cache, set in the environment before JAX is imported, so
+# that every subprocess reads and fills it too.
+os.environ.setdefault("MUSE_JAX_TEST_CACHE", tempfile.mkdtemp(prefix="jax_cache_"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["MUSE_JAX_TEST_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def _declare_torchvision_ops():
@@ -45,11 +52,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# Trainer tests build the same step functions several times (straight run, killed
-# run, resumed run); a persistent compilation cache compiles each of them once.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("MUSE_JAX_TEST_CACHE", tempfile.mkdtemp(prefix="jax_cache_")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# also when this file is imported after JAX (tests/tiny_run_config.py in muse_jax.main)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
