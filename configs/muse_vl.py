@@ -29,7 +29,8 @@ def get_config(arg=None):
   c = config_lib.llm_defaults(presets[0] if presets else "qwen2.5-7b")
   if "demo" in args:
     c.model.update(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   mlp_dim=128, dtype="float32", remat=False)
+                   mlp_dim=128, dtype="float32", scan_layers=False,
+                   remat_policy="none")
     c.vocab.num_visual = 1024
     c.update(batch_size=8, seq_len=64, loss_chunk=32, total_steps=100)
     c.optimizer.update(lr=1e-3, warmup_steps=10)

@@ -506,9 +506,9 @@ def suggestions(config, topology: str, num_slices: int, result: dict,
     out["tensor"] = Suggestion(f"tensor {2 * ici['tensor']}: heads and MLP units split too",
                                {"mesh.fsdp": -1, "mesh.tensor": 2 * ici["tensor"]},
                                topology, num_slices)
-  if not state_only and "remat" in config.model and not config.model.remat:
+  if not state_only and config.model.get("remat_policy", "full") != "full":
     out["remat"] = Suggestion("layer remat: each layer recomputed in the backward pass",
-                              {"model.remat": True}, topology, num_slices)
+                              {"model.remat_policy": "full"}, topology, num_slices)
   return out
 
 

@@ -169,7 +169,7 @@ def test_planner_reports_the_decision_and_exits_1_when_a_program_does_not_fit(
 
 def test_suggestions_spread_the_shortfall_over_chips_batch_and_mesh():
   from ml_collections import config_dict
-  config = config_dict.ConfigDict(dict(batch_size=64, model=dict(remat=False),
+  config = config_dict.ConfigDict(dict(batch_size=64, model=dict(remat_policy="none"),
                                        mesh=dict(data=4, fsdp=1, tensor=1)))
   result = _result(3 * HBM, mesh={"data": 4, "fsdp": 1, "tensor": 1})
   result["programs"]["train_step"]["peak"] = 3.5 * HBM   # short by 3.5x: a factor of 4
@@ -178,7 +178,8 @@ def test_suggestions_spread_the_shortfall_over_chips_batch_and_mesh():
   found = compile_lib.suggestions(config, "v5e-4", 1, result, factor)
   assert {k: s.flags(config, "v5e-4", 1) for k, s in found.items()} == {
       "chips": "--topology=v5e-16 --config.mesh.fsdp=-1", "batch": "--config.batch_size=16",
-      "fsdp": "--config.mesh.data=1 --config.mesh.fsdp=-1", "remat": "--config.model.remat=True"}
+      "fsdp": "--config.mesh.data=1 --config.mesh.fsdp=-1",
+      "remat": "--config.model.remat_policy=full"}
   # past the largest v5e slice (256 chips), more slices instead
   result["devices"] = 256
   config.batch_size = 4096
@@ -280,7 +281,7 @@ def test_a_step_xla_refuses_is_reported_with_what_may_fit():
   assert "what may fit (--suggest compiles each):" in out.stdout
   listed = re.findall(r"^  (--\S+)", out.stdout, re.M)
   assert listed == ["--topology=v5e-8", "--config.batch_size=16384", "--config.mesh.tensor=2",
-                    "--config.model.remat=True"], out.stdout
+                    "--config.model.remat_policy=full"], out.stdout
 
 
 def test_suggest_compiles_each_change_and_says_which_fit():
