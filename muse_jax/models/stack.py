@@ -10,11 +10,14 @@ convert between them exactly.
 
 Every stack (the Qwen2 decoder, the SigLIP towers, the SDE semantic decoder)
 is a module attribute named ``layers`` and runs through ``run``, which also
-applies the remat policy to each layer.
+applies the remat policy to each layer. Tensor names (``muse_jax.weights``) follow:
+``model/layers/3/mlp/up_proj/kernel`` unscanned is slice 3 of
+``model/layers/mlp/up_proj/kernel`` scanned (``stacked_name`` / ``layer_name``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -95,3 +98,24 @@ def run(stack: Stack, layer_fn: Callable[..., tuple[Any, Any]], carry: Any, xs: 
     ys.append(y)
   return carry, ys
 
+
+_LAYER = re.compile(r"(^|/)layers/(\d+)(?=/|$)")
+_STACKED = re.compile(r"(^|/)layers(?=/(?!\d)|$)")
+
+
+def stacked_name(name: str) -> tuple[str, int] | None:
+  """A layer's tensor name -> (the scanned stack's tensor name, layer index); else None."""
+  match = _LAYER.search(name)
+  if match is None:
+    return None
+  return name[:match.start()] + match.group(1) + "layers" + name[match.end():], int(match.group(2))
+
+
+def is_stacked_name(name: str) -> bool:
+  """Whether ``name`` is a scanned stack's tensor (``.../layers/<not a number>/...``)."""
+  return _STACKED.search(name) is not None
+
+
+def layer_name(name: str, layer: int) -> str:
+  """The inverse of ``stacked_name``: slice ``layer`` of the stacked tensor ``name``."""
+  return _STACKED.sub(lambda m: f"{m.group(1)}layers/{layer}", name, count=1)
