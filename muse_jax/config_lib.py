@@ -169,9 +169,9 @@ def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_h
       attention_block_kv=512,
       vq_impl="auto",          # auto | naive | chunked | pallas (docs/kernels.md)
       # SigLIP towers and semantic decoder: stacked layers under lax.scan (one layer
-      # compiled, not 24-27), no remat: at 256-729 tokens a layer's activations are
-      # small next to the pixel decoder's, and recomputing them would cost ~1/3 more
-      # encoder FLOPs (stack.REMAT_POLICIES; sweep with compile --remat_policy=sweep)
+      # compiled, not 24-27), no remat: both SDE steps fit a v5p-8 without it (README,
+      # "Parallelism") and recomputing would only cost time (stack.REMAT_POLICIES;
+      # compare with python -m muse_jax.compile ... --remat_policy=sweep)
       scan_layers=True,
       remat_policy="none",
   ))
@@ -355,9 +355,9 @@ def llm_defaults(preset: str) -> ml_collections.ConfigDict:
   c.init_from = ""
   c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)   # ZeRO-3 over every chip
   model = dataclasses.asdict(qwen2.Qwen2Config.preset(preset))
-  # stacked layers under lax.scan; remat "full" keeps only each layer's input for the
-  # backward pass: at 2048 tokens x batch 256 the saved activations of a 7B decoder
-  # would not fit otherwise (compile --remat_policy=sweep compares the policies)
+  # stacked layers under lax.scan; remat "full" (what remat=True was) keeps only each
+  # layer's input for the backward pass, the least activation memory at 256 x 2048
+  # tokens (python -m muse_jax.compile ... --remat_policy=sweep compares the policies)
   model.update(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full")
   c.model = ml_collections.ConfigDict(model)
   c.vocab = ml_collections.ConfigDict(dict(num_visual=32768, pad_multiple=128))
