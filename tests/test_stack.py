@@ -69,18 +69,22 @@ def test_decoder_logits_loss_gradients_and_greedy_decoding_agree_across_layouts(
 
 
 def test_siglip_tower_and_sde_forward_agree_across_layouts():
+  """The SDE forward of the semantic ablation: a SigLIP tower, the quantiser and the
+  semantic decoder (the image branch adds the same tower class and a pixel decoder,
+  which has no stack and takes ~10 s to initialise here)."""
   config = tiny_sde_config(batch_size=2, total_steps=1, disc_start=1)
+  config.model.update(mode="semantic")
   config.model.encoder.update(image_size=16, patch_size=4, depth=2)
   config.model.semantic_decoder.depth = 2
-  config.model.decoder.update(ch_mult=(1, 2, 2), num_res_blocks=1)
   plain = sde.SDETokenizer(config_lib.sde_model_config(config), rngs=nnx.Rngs(0))
   scanned = _scanned_copy(plain)
   assert stack.is_scanned(scanned.semantic_decoder.encoder.layers)
+  assert stack.is_scanned(scanned.semantic_encoder.encoder.layers)
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
-  forward = nnx.jit(lambda m, x: (m.image_encoder(x), m(x)))
+  forward = nnx.jit(lambda m, x: (m.semantic_encoder(x), m(x)))
   (tower, out), (tower_scanned, out_scanned) = forward(plain, images), forward(scanned, images)
   _assert_close(tower_scanned, tower)
-  for key in ("reconstruction", "semantic_prediction", "f"):
+  for key in ("f", "semantic_prediction", "semantic_target"):
     _assert_close(out_scanned[key], out[key])
   np.testing.assert_array_equal(out_scanned["quantized"].codes, out["quantized"].codes)
 
