@@ -2,8 +2,11 @@
 
 MUSE-VL section 4.1: the embedding and LM head grow by 32768 visual ids (plus
 ``<soi>``/``<eoi>``, padded to a multiple of 128); AdamW(0.9, 0.95), lr 1e-4,
-cosine with warmup. bf16 compute, fp32 parameters and moments, each layer
-rematerialised in the backward pass, FSDP over every chip by default.
+cosine with warmup. bf16 compute, fp32 parameters and moments, FSDP over every
+chip by default. The layers are stacked and scanned (``model.scan_layers``) and
+each is rematerialised in the backward pass (``model.remat_policy="full"``, the
+least activation memory); compare the policies on a slice with
+``--remat_policy=sweep`` (README, "Parallelism").
 
 The arg picks the base model (default qwen2.5-7b; any name in
 ``muse_jax.models.qwen2.PRESETS``). Check that a slice fits before renting it:
@@ -29,7 +32,8 @@ def get_config(arg=None):
   c = config_lib.llm_defaults(presets[0] if presets else "qwen2.5-7b")
   if "demo" in args:
     c.model.update(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                   mlp_dim=128, dtype="float32", remat=False)
+                   mlp_dim=128, dtype="float32", scan_layers=False,
+                   remat_policy="none")
     c.vocab.num_visual = 1024
     c.update(batch_size=8, seq_len=64, loss_chunk=32, total_steps=100)
     c.optimizer.update(lr=1e-3, warmup_steps=10)

@@ -23,6 +23,10 @@ run: codebook usage 100% over the last 50 steps (perplexity 266), held-out PSNR
 The full config keeps the paper's recipe (symmetric init, no restarts).
 
 Ablations (paper Table 6): --config.model.mode=image | semantic | both.
+
+The towers and the semantic decoder are stacked and scanned (``model.scan_layers``)
+without remat (``model.remat_policy="none"``): the step already fits a v5p-8 without
+it (README, "Parallelism"), and recomputing would only cost time; the demo unrolls them.
 """
 
 from muse_jax import config_lib

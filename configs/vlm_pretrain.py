@@ -56,7 +56,8 @@ def get_config(arg=None):
 def apply_demo(c):
   """The CPU demo's decoder, data and schedule (shared with ``configs/vlm_sft.py:demo``)."""
   c.model.update(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                 mlp_dim=256, tie_word_embeddings=False, dtype="float32", remat=False)
+                 mlp_dim=256, tie_word_embeddings=False, dtype="float32",
+                 scan_layers=False, remat_policy="none")
   c.vocab.num_visual = 1024          # the SDE demo's codebook
   c.data.update(views=8)             # 13 training photographs x 8 crops
   c.sequences.pack_buffer = 64

@@ -27,6 +27,12 @@ exceed HBM; its error names both sizes) the row says so, and the planner lists
 changes that may fit: more chips, more fsdp or tensor parallelism, layer remat, a
 smaller batch. ``--suggest`` compiles each of them and says which fit. Exit
 status 1 when something does not fit.
+
+``--remat_policy=NAME`` compiles with that ``config.model.remat_policy``
+(``muse_jax.models.stack.REMAT_POLICIES``); ``--remat_policy=sweep`` compiles the
+train step once per policy and prints each one's peak memory against its
+predicted step time (recomputation costs FLOPs: the least remat that fits is the
+fastest), then exits.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from muse_jax import config_lib
+from muse_jax.models import stack
 from muse_jax.parallel import sharding
 from muse_jax.train import stages
 
@@ -61,6 +68,10 @@ _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Plan against this much HBM per c
                                "the real chip, so only less helps).")
 _SUGGEST = flags.DEFINE_bool("suggest", False, "When a program does not fit, compile each "
                              "suggested change and say which fit.")
+_REMAT_POLICY = flags.DEFINE_string(
+    "remat_policy", None, f"Compile with this config.model.remat_policy "
+    f"({', '.join(stack.REMAT_POLICIES)}), or 'sweep': the train step once per policy, "
+    "peak memory against predicted step time.")
 flags.mark_flags_as_required(["config", "topology"])
 
 GiB = 1024 ** 3
@@ -506,10 +517,45 @@ def suggestions(config, topology: str, num_slices: int, result: dict,
     out["tensor"] = Suggestion(f"tensor {2 * ici['tensor']}: heads and MLP units split too",
                                {"mesh.fsdp": -1, "mesh.tensor": 2 * ici["tensor"]},
                                topology, num_slices)
-  if not state_only and "remat" in config.model and not config.model.remat:
+  if not state_only and config.model.get("remat_policy", "full") != "full":
     out["remat"] = Suggestion("layer remat: each layer recomputed in the backward pass",
-                              {"model.remat": True}, topology, num_slices)
+                              {"model.remat_policy": "full"}, topology, num_slices)
   return out
+
+
+def sweep_remat(config, topology: str, num_slices: int = 1,
+                hbm_bytes: int | None = None) -> dict[str, dict]:
+  """{policy: compile_for_topology result of the train step} for every remat policy."""
+  return {policy: compile_for_topology(with_overrides(config, {"model.remat_policy": policy}),
+                                       topology, num_slices, ("train_step",), hbm_bytes)
+          for policy in stack.REMAT_POLICIES}
+
+
+def format_sweep(results: dict[str, dict], mfu: float) -> str:
+  """One row per policy: the train step's temporaries and peak per device, and its
+  FLOPs and the step time they predict at ``mfu``."""
+  first = next(iter(results.values()))
+  per_s = f"{first['item_unit']}/s"
+  rows = {policy: result["programs"]["train_step"] for policy, result in results.items()}
+  peak = max((r["peak"] for r in rows.values() if not math.isnan(r["peak"])), default=0)
+  unit, scale = ("GiB", GiB) if peak >= GiB else ("MiB", 1024 ** 2)
+  lines = [f"remat policies, train step per device on {first['devices']} x "
+           f"{first['device_kind']} ({first['topology']}), mesh {first['mesh']}; step time at "
+           f"{mfu:.0%} of {first['peak_flops'] / 1e12:.0f} bf16 TFLOP/s per chip",
+           f"{'policy':<18} {'temps ' + unit:>9} {'peak ' + unit:>9} {'HBM GiB':>8} {'fits':>4} "
+           f"{'TFLOP':>9} {'step ms':>10} {per_s:>10}"]
+  for policy, result in results.items():
+    r = rows[policy]
+    memory = " ".join("        -" if math.isnan(r[k]) else f"{r[k] / scale:9.2f}"
+                      for k in ("temporaries", "peak"))
+    if math.isnan(r["flops"]):
+      speed = f"{'-':>9} {'-':>10} {'-':>10}"
+    else:
+      seconds, rate = predict(r, result, mfu)
+      speed = f"{r['flops'] / 1e12:9.4g} {seconds * 1e3:10.4g} {rate:10.4g}"
+    lines.append(f"{policy:<18} {memory} {r['available'] / GiB:8.2f} "
+                 f"{'yes' if r['fits'] else 'no':>4} {speed}")
+  return "\n".join(lines)
 
 
 PLANNER_ERRORS = (config_lib.ConfigError, TopologyError, sharding.MeshError)
@@ -556,6 +602,18 @@ def main(argv):
              "in (0, 1], e.g. 0.4")
   config, topology, num_slices = _CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value
   hbm_bytes = None if _HBM_GIB.value is None else int(_HBM_GIB.value * GiB)
+  policy = _REMAT_POLICY.value
+  if policy is not None and policy != "sweep" and policy not in stack.REMAT_POLICIES:
+    sys.exit(f"error: --remat_policy={policy}: use one of {', '.join(stack.REMAT_POLICIES)} "
+             "or sweep")
+  if policy == "sweep":
+    try:
+      print(format_sweep(sweep_remat(config, topology, num_slices, hbm_bytes), _MFU.value))
+    except PLANNER_ERRORS as e:
+      sys.exit(f"error: {e}")
+    return
+  if policy is not None:
+    config = with_overrides(config, {"model.remat_policy": policy})
   try:
     result = compile_for_topology(config, topology, num_slices, tuple(_PROGRAMS.value),
                                   hbm_bytes)

@@ -25,6 +25,7 @@ from muse_jax.models import muse_vl
 from muse_jax.models import qwen2
 from muse_jax.models import sde as sde_lib
 from muse_jax.models import siglip
+from muse_jax.models import stack
 from muse_jax.models import vqgan
 from muse_jax.parallel import sharding
 
@@ -167,6 +168,12 @@ def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_h
       attention_block_q=512,   # splash tiles: multiples of 128
       attention_block_kv=512,
       vq_impl="auto",          # auto | naive | chunked | pallas (docs/kernels.md)
+      # SigLIP towers and semantic decoder: stacked layers under lax.scan (one layer
+      # compiled, not 24-27), no remat: both SDE steps fit a v5p-8 without it (README,
+      # "Parallelism") and recomputing would only cost time (stack.REMAT_POLICIES;
+      # compare with python -m muse_jax.compile ... --remat_policy=sweep)
+      scan_layers=True,
+      remat_policy="none",
   ))
 
 
@@ -179,6 +186,7 @@ def shrink_for_demo(c: ml_collections.ConfigDict, *, image_size: int, patch_size
   m.codebook_size = 1024
   m.decoder.update(z_channels=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8)
   m.dtype = "float32"              # bf16 matmuls are emulated (slow) on CPU
+  m.scan_layers = False            # 1-2 layers: nothing to save, and the demo figures stay
   c.discriminator.update(ndf=32, norm_groups=8)
   c.lpips_width_divisor = 4
   c.batch_size = 8
@@ -202,7 +210,9 @@ def sde_model_config(c: ml_collections.ConfigDict) -> sde_lib.SDEConfig:
       image_size=enc.image_size, patch_size=enc.patch_size, width=enc.width, depth=enc.depth,
       num_heads=enc.num_heads, mlp_dim=enc.mlp_dim, layer_norm_eps=enc.layer_norm_eps,
       dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
-      attention_block_q=m.attention_block_q, attention_block_kv=m.attention_block_kv)
+      attention_block_q=m.attention_block_q, attention_block_kv=m.attention_block_kv,
+      # runs saved before the fields existed are unscanned, without remat
+      scan_layers=m.get("scan_layers", False), remat_policy=m.get("remat_policy", "none"))
   decoder = vqgan.DecoderConfig(
       z_channels=m.decoder.z_channels, ch=m.decoder.ch, ch_mult=tuple(m.decoder.ch_mult),
       num_res_blocks=m.decoder.num_res_blocks, norm_groups=m.decoder.norm_groups,
@@ -240,10 +250,19 @@ def _check_kernels(m: ml_collections.ConfigDict) -> None:
           f"use one of {vq.IMPLEMENTATIONS} ('auto': the Pallas kernel on TPU, else chunked)")
 
 
+def _check_layers(m: ml_collections.ConfigDict) -> None:
+  """The layer stack fields of a model block (``scan_layers``, ``remat_policy``)."""
+  check("remat" not in m, "model.remat", "the boolean was replaced by model.remat_policy",
+        "set model.remat_policy='full' (was remat=True) or 'none' (was remat=False)")
+  check(m.remat_policy in stack.REMAT_POLICIES, "model.remat_policy",
+        f"{m.remat_policy!r} is unknown", f"use one of {tuple(stack.REMAT_POLICIES)}")
+
+
 def validate_sde(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for an SDE config that cannot build or train."""
   m = c.model
   _check_kernels(m)
+  _check_layers(m)
   enc = m.encoder
   check(m.mode in sde_lib.MODES, "model.mode", f"{m.mode!r} is not an ablation mode",
         f"use one of {sde_lib.MODES} (Table 6: image only, semantic only, both)")
@@ -336,7 +355,10 @@ def llm_defaults(preset: str) -> ml_collections.ConfigDict:
   c.init_from = ""
   c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)   # ZeRO-3 over every chip
   model = dataclasses.asdict(qwen2.Qwen2Config.preset(preset))
-  model.update(dtype="bfloat16", param_dtype="float32", remat=True)
+  # stacked layers under lax.scan; remat "full" (what remat=True was) keeps only each
+  # layer's input for the backward pass, the least activation memory at 256 x 2048
+  # tokens (python -m muse_jax.compile ... --remat_policy=sweep compares the policies)
+  model.update(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full")
   c.model = ml_collections.ConfigDict(model)
   c.vocab = ml_collections.ConfigDict(dict(num_visual=32768, pad_multiple=128))
   c.total_steps = 100_000
@@ -365,6 +387,8 @@ def vocab_layout(c: ml_collections.ConfigDict) -> muse_vl.VocabLayout:
 def llm_model_config(c: ml_collections.ConfigDict) -> qwen2.Qwen2Config:
   """The decoder of a run: the base model over the extended MUSE-VL vocabulary."""
   fields = dict(c.model.to_dict(), vocab_size=vocab_layout(c).vocab_size)
+  if "remat" in fields:   # a run saved before remat_policy replaced the boolean
+    fields["remat_policy"] = "full" if fields.pop("remat") else "none"
   return qwen2.Qwen2Config(**fields)
 
 
@@ -372,6 +396,7 @@ def validate_llm(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for a decoder config that cannot build or train."""
   m = c.model
   _check_kernels(m)
+  _check_layers(m)
   for field in ("dtype", "param_dtype"):
     check(m[field] in DTYPES, f"model.{field}", f"{m[field]!r} is not a dtype",
           f"use one of {DTYPES}")

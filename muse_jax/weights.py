@@ -26,6 +26,14 @@ holds more than one device's shard of one tensor beyond what is already on the
 devices (replicated tensors are read once per host). Names, shapes and dtypes are
 all checked before any data is read; a mismatch names the tensor.
 
+Layer stacks come in two layouts (``muse_jax.models.stack``): one tensor per
+layer (``model/layers/3/mlp/up_proj/kernel``) or one stacked tensor per stack
+(``model/layers/mlp/up_proj/kernel`` [layers, ...]). Reading resolves either
+against the other (``_sources``): a scanned model loads unscanned weights, each
+device reading its layers' slices, and the other way round; ``Writer.put`` streams
+layer tensors into their slices of stacked ones, and ``convert_layout`` rewrites a
+directory in the other layout.
+
 ``load_run_params(workdir, abstract)`` is the other half of "no trainer
 internals": it restores chosen subtrees (e.g. ``params`` and ``frozen``) of a
 training run's latest checkpoint, with shardings, without building optimisers.
@@ -45,6 +53,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
+from muse_jax.models import stack
 from muse_jax.train import checkpoint as checkpoint_lib
 
 INDEX = "weights.json"
@@ -120,24 +129,54 @@ class Writer:
     self.root.mkdir(parents=True, exist_ok=True)
     self.metadata = dict(metadata or {})
     self.tensors: dict[str, TensorInfo] = {}
+    self._stacks: dict[str, tuple[ts.TensorStore, set[int]]] = {}   # stacked: layers written
 
-  def write(self, name: str, array: Any) -> None:
-    """Writes one tensor (numpy or a fully addressable jax array)."""
+  def _create(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
+              per_layer: bool) -> ts.TensorStore:
     if name in self.tensors:
       raise ValueError(f"tensor {name} written twice to {self.root}")
-    array = np.asarray(array)
     leftover = self.root / TENSORS / name
     if leftover.exists():           # from a conversion into this directory that did not finish
       leftover.rmtree()
-    store = ts.open(_array_spec(self.root, name), create=True,
-                    dtype=ts.dtype(array.dtype.name), shape=array.shape,
-                    chunk_layout=ts.ChunkLayout(
-                        read_chunk_shape=chunk_shape(array.shape, array.dtype.itemsize),
-                        write_chunk_shape=[max(1, n) for n in array.shape])).result()
-    store.write(array).result()
-    self.tensors[name] = TensorInfo(tuple(array.shape), array.dtype)
+    # a stacked tensor is one file per layer, so that each layer is written on its own
+    inner = shape[1:] if per_layer else shape
+    read_chunk = chunk_shape(inner, dtype.itemsize)
+    write_chunk = [max(1, n) for n in inner]
+    if per_layer:
+      read_chunk, write_chunk = [1, *read_chunk], [1, *write_chunk]
+    store = ts.open(_array_spec(self.root, name), create=True, dtype=ts.dtype(dtype.name),
+                    shape=shape, chunk_layout=ts.ChunkLayout(
+                        read_chunk_shape=read_chunk, write_chunk_shape=write_chunk)).result()
+    self.tensors[name] = TensorInfo(tuple(shape), dtype)
+    return store
+
+  def write(self, name: str, array: Any) -> None:
+    """Writes one tensor (numpy or a fully addressable jax array)."""
+    array = np.asarray(array)
+    self._create(name, array.shape, array.dtype, per_layer=False).write(array).result()
+
+  def put(self, name: str, array: Any, scan_depth: int | None = None) -> None:
+    """Writes a parameter in the directory's layout: with ``scan_depth`` (the stack's
+    depth), a layer's tensor (``.../layers/3/...``) goes into its slice of the stacked
+    tensor, created at its first layer; anything else is written whole."""
+    layer = stack.stacked_name(name) if scan_depth is not None else None
+    if layer is None:
+      self.write(name, array)
+      return
+    name, index = layer
+    array = np.asarray(array)
+    if name not in self._stacks:
+      store = self._create(name, (scan_depth, *array.shape), array.dtype, per_layer=True)
+      self._stacks[name] = (store, set())
+    store, done = self._stacks[name]
+    store[index].write(array).result()
+    done.add(index)
 
   def close(self) -> None:
+    for name, (store, done) in self._stacks.items():
+      if len(done) != store.shape[0]:
+        raise ValueError(f"stacked tensor {name} in {self.root} got layers {sorted(done)} of "
+                         f"{store.shape[0]}")
     index = {"format": FORMAT, "metadata": self.metadata,
              "tensors": {n: {"shape": list(t.shape), "dtype": t.dtype.name}
                          for n, t in self.tensors.items()}}
@@ -187,28 +226,98 @@ def _open(root: epath.Path, name: str) -> ts.TensorStore:
   return ts.open(_array_spec(root, name), open=True, read=True).result()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Where a wanted tensor is stored: one tensor whole, one layer (``layer``) of a stored
+  stacked tensor, or (``stacked``) the stored layer tensors ``names`` stacked."""
+  names: tuple[str, ...]
+  info: TensorInfo
+  layer: int | None = None
+  stacked: bool = False
+
+  def read(self, root: epath.Path, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The region ``index`` (default: all) of the wanted tensor."""
+    index = tuple(slice(None) for _ in self.info.shape) if index is None else tuple(index)
+    if self.stacked:
+      layers = range(len(self.names))[index[0]]
+      return np.stack([_open(root, self.names[i])[index[1:]].read().result() for i in layers])
+    store = _open(root, self.names[0])
+    return store[((self.layer,) if self.layer is not None else ()) + index].read().result()
+
+
+def _sources(index: Index, wanted: Iterable[str]) -> dict[str, _Source]:
+  """The stored source of each wanted tensor that has one, in either stack layout."""
+  stored = index.tensors
+  layers: dict[str, dict[int, str]] = {}
+  for name in stored:
+    found = stack.stacked_name(name)
+    if found is not None:
+      layers.setdefault(found[0], {})[found[1]] = name
+  out = {}
+  for name in wanted:
+    found = stack.stacked_name(name)
+    if name in stored:
+      out[name] = _Source((name,), stored[name])
+    elif name in layers and sorted(layers[name]) == list(range(len(layers[name]))):
+      names = tuple(layers[name][i] for i in range(len(layers[name])))
+      first = stored[names[0]]
+      out[name] = _Source(names, TensorInfo((len(names), *first.shape), first.dtype),
+                          stacked=True)
+    elif found is not None and found[0] in stored and found[1] < stored[found[0]].shape[0]:
+      info = stored[found[0]]
+      out[name] = _Source((found[0],), TensorInfo(info.shape[1:], info.dtype), layer=found[1])
+  return out
+
+
 def read(path: str | epath.PathLike, name: str) -> np.ndarray:
-  """One whole tensor as a numpy array (export streams this way)."""
-  info = read_index(path).tensors.get(name)
-  if info is None:
+  """One whole tensor as a numpy array, in either stack layout (export streams this way)."""
+  source = _sources(read_index(path), [name]).get(name)
+  if source is None:
     raise KeyError(f"tensor {name} is not in {path}")
-  return _open(epath.Path(path), name).read().result()
+  return source.read(epath.Path(path))
+
+
+def convert_layout(src: str | epath.PathLike, dst: str | epath.PathLike, scan: bool) -> None:
+  """Rewrites the weights at ``src`` into ``dst`` with every layer stack scanned
+  (``scan``) or one tensor per layer, a layer at a time; the stored model config's
+  ``scan_layers`` follows."""
+  index = read_index(src)
+  metadata = json.loads(json.dumps(index.metadata))
+  if "scan_layers" in metadata.get("config", {}):
+    metadata["config"]["scan_layers"] = scan
+  depths: dict[str, int] = {}
+  for name in index.tensors:
+    found = stack.stacked_name(name)
+    if found is not None:
+      depths[found[0]] = depths.get(found[0], 0) + 1
+  with Writer(dst, metadata) as writer:
+    for name, info in index.tensors.items():
+      found = stack.stacked_name(name)
+      if scan and found is not None:
+        writer.put(name, read(src, name), scan_depth=depths[found[0]])
+      elif not scan and stack.is_stacked_name(name):
+        for layer in range(info.shape[0]):
+          writer.write(stack.layer_name(name, layer), read(src, stack.layer_name(name, layer)))
+      else:
+        writer.write(name, read(src, name))
 
 
 def check(index: Index, targets: dict[str, Any], *, cast: bool = False) -> None:
   """Raises ``WeightsMismatchError`` naming the first tensor that does not fit."""
-  missing = [n for n in targets if n not in index.tensors]
+  sources = _sources(index, targets)
+  missing = [n for n in targets if n not in sources]
   if missing:
     raise WeightsMismatchError(
         f"{index.path} lacks tensor {missing[0]} (shape {tuple(targets[missing[0]].shape)}) "
         f"that the model needs ({len(missing)} missing; it holds {len(index.tensors)} tensors)")
-  extra = [n for n in index.tensors if n not in targets]
+  used = {n for source in sources.values() for n in source.names}
+  extra = [n for n in index.tensors if n not in used]
   if extra:
     raise WeightsMismatchError(
         f"{index.path} holds tensor {extra[0]} (shape {index.tensors[extra[0]].shape}) that the "
         f"model does not have ({len(extra)} extra): weights of a different model?")
   for name, target in targets.items():
-    info = index.tensors[name]
+    info = sources[name].info
     if info.shape != tuple(target.shape):
       raise WeightsMismatchError(
           f"tensor {name} has shape {info.shape} in {index.path} but the model expects "
@@ -220,11 +329,10 @@ def check(index: Index, targets: dict[str, Any], *, cast: bool = False) -> None:
           "or load with cast=True")
 
 
-def _load_leaf(root: epath.Path, name: str, target: Any) -> jax.Array:
+def _load_leaf(root: epath.Path, source: _Source, target: Any) -> jax.Array:
   """One tensor onto its sharding: each addressable device gets only its slice."""
   shape, dtype = tuple(target.shape), np.dtype(target.dtype)
   sharding = target.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  store = _open(root, name)
   by_slice: dict[tuple, list] = {}
   for device, index in sharding.addressable_devices_indices_map(shape).items():
     key = tuple((s.start, s.stop, s.step) for s in index)
@@ -232,7 +340,7 @@ def _load_leaf(root: epath.Path, name: str, target: Any) -> jax.Array:
   shards = []
   for index, devices in by_slice.values():
     # the host copy is dropped before the next slice is read
-    host = store[index].read().result().astype(dtype, copy=False)
+    host = source.read(root, index).astype(dtype, copy=False)
     shards.extend(jax.device_put(host, device) for device in devices)
     del host
   return jax.make_array_from_single_device_arrays(shape, sharding, shards)
@@ -252,7 +360,8 @@ def load_pretrained(path: str | epath.PathLike, abstract: Any, *, cast: bool = F
              for name, leaf in leaves}
   check(index, targets, cast=cast)
   root = epath.Path(path)
-  loaded = [_load_leaf(root, name, targets[name]) for name, _ in leaves]
+  sources = _sources(index, targets)
+  loaded = [_load_leaf(root, sources[name], targets[name]) for name, _ in leaves]
   treedef = jax.tree_util.tree_structure(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return jax.tree_util.tree_unflatten(treedef, [
       leaf.replace(array) if isinstance(leaf, nnx.Variable) else array

@@ -171,7 +171,7 @@ def test_planner_reports_the_decision_and_exits_1_when_a_program_does_not_fit(
 
 def test_suggestions_spread_the_shortfall_over_chips_batch_and_mesh():
   from ml_collections import config_dict
-  config = config_dict.ConfigDict(dict(batch_size=64, model=dict(remat=False),
+  config = config_dict.ConfigDict(dict(batch_size=64, model=dict(remat_policy="none"),
                                        mesh=dict(data=4, fsdp=1, tensor=1)))
   result = _result(3 * HBM, mesh={"data": 4, "fsdp": 1, "tensor": 1})
   result["programs"]["train_step"]["peak"] = 3.5 * HBM   # short by 3.5x: a factor of 4
@@ -180,7 +180,8 @@ def test_suggestions_spread_the_shortfall_over_chips_batch_and_mesh():
   found = compile_lib.suggestions(config, "v5e-4", 1, result, factor)
   assert {k: s.flags(config, "v5e-4", 1) for k, s in found.items()} == {
       "chips": "--topology=v5e-16 --config.mesh.fsdp=-1", "batch": "--config.batch_size=16",
-      "fsdp": "--config.mesh.data=1 --config.mesh.fsdp=-1", "remat": "--config.model.remat=True"}
+      "fsdp": "--config.mesh.data=1 --config.mesh.fsdp=-1",
+      "remat": "--config.model.remat_policy=full"}
   # past the largest v5e slice (256 chips), more slices instead
   result["devices"] = 256
   config.batch_size = 4096
@@ -282,7 +283,29 @@ def test_a_step_xla_refuses_is_reported_with_what_may_fit():
   assert "what may fit (--suggest compiles each):" in out.stdout
   listed = re.findall(r"^  (--\S+)", out.stdout, re.M)
   assert listed == ["--topology=v5e-8", "--config.batch_size=16384", "--config.mesh.tensor=2",
-                    "--config.model.remat=True"], out.stdout
+                    "--config.model.remat_policy=full"], out.stdout
+
+
+def test_remat_sweep_prints_each_policy_memory_against_step_time():
+  """The demo decoder's step (scanned layers) compiled once per remat policy: a row each,
+  and the more a policy recomputes, the more FLOPs and time it predicts. (Which keeps the
+  fewest bytes is for XLA:TPU to say: at this toy size its own scheduling decides, so
+  tests/test_stack.py checks the policies' saved bytes instead.)"""
+  out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", "--remat_policy=sweep",
+                 "--config.model.scan_layers=True", "--config.batch_size=32",
+                 "--config.seq_len=256", "--config.loss_chunk=128")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "policy             temps MiB  peak MiB  HBM GiB fits" in out.stdout, out.stdout
+  rows = {m.group(1): [float(x) for x in m.group(2).split()] for m in re.finditer(
+      r"^(none|full|save_dots|save_attn_mlp_out)\s+([0-9. ]+)\s+yes\s+(\S+)\s+(\S+)\s+\S+$",
+      out.stdout, re.M)}
+  flops = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
+      r"^(\S+)\s+[0-9. ]+\s+yes\s+(\S+)\s+(\S+)\s+\S+$", out.stdout, re.M)}
+  assert list(rows) == ["none", "full", "save_dots", "save_attn_mlp_out"], out.stdout
+  assert all(len(r) == 3 and r[0] < r[1] for r in rows.values()), rows   # temps < peak, HBM
+  tflop = {policy: f[0] for policy, f in flops.items()}
+  assert tflop["full"] > tflop["save_attn_mlp_out"] > tflop["save_dots"] > tflop["none"], tflop
+  assert flops["full"][1] > flops["none"][1]                             # step ms
 
 
 def test_suggest_compiles_each_change_and_says_which_fit():
@@ -303,6 +326,8 @@ def test_suggest_compiles_each_change_and_says_which_fit():
                   "(0, 1]"),
     ("--hbm_gib=64", "error: --hbm_gib=64: give more than 0 and at most the 16 GiB of a v5e-4 "
                      "chip"),
+    ("--remat_policy=dots", "error: --remat_policy=dots: use one of none, full, save_dots, "
+                            "save_attn_mlp_out or sweep"),
 ])
 def test_bad_planner_flags_are_named(flag, message):
   out = _compile("--config=configs/muse_vl.py:demo", "--topology=v5e-4", flag)

@@ -15,8 +15,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from muse_jax.convert import __main__ as cli  # noqa: E402
+from muse_jax import weights  # noqa: E402
 from muse_jax.convert import checkpoint, hf, tensor_io  # noqa: E402
-from muse_jax.models import muse_vl, qwen2  # noqa: E402
+from muse_jax.models import muse_vl, qwen2, stack  # noqa: E402
 
 VOCAB = 320
 CASES = {
@@ -134,6 +135,41 @@ def test_roundtrip_hf_ours_hf_with_sharding_and_bfloat16(hf_models, tmp_path):
   ref16 = _torch_logits(back16, ids)
   ours16 = np.asarray(forward(hf.load_qwen2(out16, dtype=jnp.float32), jnp.asarray(ids, jnp.int32)))
   assert np.abs(ours16 - ref16).max() < 0.05 * np.abs(ref16).max()
+
+
+def test_scanned_layout_hf_ours_hf_and_layout_round_trip(hf_models, tmp_path):
+  """HF -> ours (scanned, each layer written into its slice) -> HF loads in transformers
+  with the same logits; the layout command's scanned -> unscanned -> scanned is exact; and
+  either layout loads into either model."""
+  folder, model = hf_models["qwen2_untied"]
+  ids = _ids((2, 11), seed=5)
+  scanned = str(tmp_path / "scanned")
+  cli.main(["llm-from-hf", "--hf_dir", folder, "--out", scanned, "--scan_layers"])
+  stored = weights.read_index(scanned).tensors
+  assert stored["model/layers/mlp/up_proj/kernel"].shape == (2, 64, 96)
+  assert not any(stack.stacked_name(name) for name in stored)
+  ours = checkpoint.load(scanned)
+  assert stack.is_scanned(ours.model.layers)
+  _assert_close_to_scale(forward(ours, jnp.asarray(ids, jnp.int32)), _torch_logits(model, ids))
+  hf.checkpoint_to_hf(scanned, str(tmp_path / "export"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+  np.testing.assert_allclose(_torch_logits(back, ids), _torch_logits(model, ids), atol=1e-6)
+
+  unscanned, again = str(tmp_path / "unscanned"), str(tmp_path / "again")
+  cli.main(["layout", "--src", scanned, "--out", unscanned, "--to", "unscanned"])
+  cli.main(["layout", "--src", unscanned, "--out", again, "--to", "scanned"])
+  assert not checkpoint.read_config(unscanned).scan_layers
+  assert "model/layers/1/mlp/up_proj/kernel" in weights.read_index(unscanned).tensors
+  assert weights.read_index(again).tensors == stored
+  for name in stored:
+    np.testing.assert_array_equal(weights.read(again, name), weights.read(scanned, name))
+  # unscanned weights into a scanned model, a device's layers at a time, and back
+  abstract = nnx.state(checkpoint.abstract_model(checkpoint.read_config(scanned)), nnx.Param)
+  loaded = weights.load_pretrained(unscanned, abstract)
+  np.testing.assert_array_equal(loaded["model"]["layers"]["self_attn"]["q_proj"]["bias"][...],
+                                weights.read(scanned, "model/layers/self_attn/q_proj/bias"))
+  np.testing.assert_array_equal(weights.read(scanned, "model/layers/1/mlp/down_proj/kernel"),
+                                weights.read(unscanned, "model/layers/1/mlp/down_proj/kernel"))
 
 
 def _tiny_tokenizer(folder):

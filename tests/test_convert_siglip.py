@@ -95,8 +95,10 @@ def test_full_siglip_model_uses_its_vision_half_and_feeds_the_sde_trainer(tmp_pa
     ref = model.vision_model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
   ref = ref.last_hidden_state.numpy()
 
-  cli.main(["siglip", "--hf_dir", str(tmp_path / "full"), "--out", str(tmp_path / "ckpt")])
-  # the SDE trainer reads it into both encoders, straight into their shardings
+  # written scanned (stacked per layer); the SDE trainer reads it into both unscanned
+  # encoders, each layer's slice straight into its shardings
+  cli.main(["siglip", "--hf_dir", str(tmp_path / "full"), "--out", str(tmp_path / "ckpt"),
+            "--scan_layers"])
   c = tiny_sde_config(batch_size=2, total_steps=1, disc_start=1)
   c.model.encoder.update(image_size=32, patch_size=16, width=48, depth=2, num_heads=4,
                          mlp_dim=96)

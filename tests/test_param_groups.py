@@ -20,7 +20,7 @@ from muse_jax.train import llm_trainer
 def tiny_decoder_config():
   c = load_config("muse_vl", "demo")
   c.model.update(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64,
-                 tie_word_embeddings=False, dtype="float32", remat=False)
+                 tie_word_embeddings=False, dtype="float32", remat_policy="none")
   c.vocab.num_visual = 64
   c.update(batch_size=2, seq_len=32, loss_chunk=32)
   c.optimizer.update(warmup_steps=0, schedule="constant", lr=1e-2)

@@ -98,8 +98,9 @@ def test_packed_row_gives_each_segment_its_own_logits():
   assert bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_kv_cache_reproduces_full_forward():
-  model = _model()
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_reproduces_full_forward(scan_layers):
+  model = _model(dataclasses.replace(TINY, scan_layers=scan_layers))
   ids = _ids((3, 12), seed=3)
   full = _forward(model, ids)
   cache = model.init_cache(3, 16)
@@ -191,10 +192,10 @@ def test_remat_and_bfloat16_keep_the_function():
   ids = _ids((3, 12), seed=8)
   grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(ids) ** 2)))
   plain = grad(_model())
-  remat = grad(_model(dataclasses.replace(TINY, remat=True)))
+  remat = grad(_model(dataclasses.replace(TINY, remat_policy="full")))
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, atol=1e-6)
-  graphdef, state = nnx.split(_model(dataclasses.replace(TINY, remat=True)))
+  graphdef, state = nnx.split(_model(dataclasses.replace(TINY, remat_policy="full")))
   jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids))(state)
   assert str(jaxpr).count("remat") == TINY.num_layers   # one rematerialised block per layer
   bf16 = _model(dataclasses.replace(TINY, dtype="bfloat16"))

@@ -35,12 +35,12 @@ def test_full_size_shapes(config_loader, name, image, grid, width, depth, mlp):
   cfg, model = _abstract(config)
   assert cfg.grid == grid and cfg.decoder_grid == image // 16
   tower = model.semantic_encoder
-  assert len(tower.encoder.layers) == depth
-  assert tower.encoder.layers[0].mlp.fc1.kernel.shape == (width, mlp)
+  assert cfg.encoder.scan_layers   # the full configs stack their layers under lax.scan
+  assert tower.encoder.layers.mlp.fc1.kernel.shape == (depth, width, mlp)
   assert tower.embeddings.position_embedding.embedding.shape == (grid * grid, width)
   assert model.quantizer.codebook.shape == (32768, 8)
   assert model.quant_proj.kernel.shape == (width, 8)
-  assert len(model.semantic_decoder.encoder.layers) == 3
+  assert model.semantic_decoder.encoder.layers.mlp.fc1.kernel.shape[0] == 3
   assert model.semantic_decoder.out_proj.kernel.shape[1] == width
 
   images = jax.ShapeDtypeStruct((2, image, image, 3), jnp.float32)

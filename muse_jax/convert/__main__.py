@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="seed of the new rows")
   p.add_argument("--new_rows_scale", type=float, default=1.0,
                  help="spread of new rows relative to the existing rows' covariance")
+  p.add_argument("--scan_layers", action="store_true",
+                 help="stack each layer's tensors (the scanned layout; either loads into either)")
 
   p = sub.add_parser("llm-to-hf", help="our weights -> HF directory (transformers loads it)")
   p.add_argument("--ckpt", required=True, help="our decoder weights directory")
@@ -64,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--hf_dir", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--dtype", default="float32")
+  p.add_argument("--scan_layers", action="store_true", help="stack each layer's tensors")
+
+  p = sub.add_parser("layout", help="our weights -> the same weights with layer stacks "
+                                    "scanned (stacked) or unscanned (one tensor per layer)")
+  p.add_argument("--src", required=True, help="our weights directory")
+  p.add_argument("--out", required=True, help="new weights directory")
+  p.add_argument("--to", required=True, choices=("scanned", "unscanned"))
 
   p = sub.add_parser("lpips", help="torchvision VGG16 + lpips heads -> our LPIPS parameters")
   p.add_argument("--vgg", required=True, help="torchvision vgg16 state dict (.pth / .safetensors)")
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     from muse_jax.convert import hf
     config = hf.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype,
                                  num_visual=args.num_visual if args.muse_vl else None,
-                                 seed=args.seed, new_rows_scale=args.new_rows_scale)
+                                 seed=args.seed, new_rows_scale=args.new_rows_scale,
+                                 scan_layers=args.scan_layers)
     result = {"wrote": args.out, "config": dataclasses.asdict(config)}
   elif args.command == "llm-to-hf":
     from muse_jax.convert import hf
@@ -92,8 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"wrote": args.out, "shards": shards}
   elif args.command == "siglip":
     from muse_jax.convert import siglip
-    config = siglip.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype)
+    config = siglip.hf_to_checkpoint(args.hf_dir, args.out, dtype=args.dtype,
+                                     scan_layers=args.scan_layers)
     result = {"wrote": args.out, "config": dataclasses.asdict(config)}
+  elif args.command == "layout":
+    from muse_jax import weights
+    weights.convert_layout(args.src, args.out, scan=args.to == "scanned")
+    result = {"wrote": args.out, "layout": args.to}
   elif args.command == "inception":
     from muse_jax.convert import inception
     inception.torch_to_checkpoint(args.pth, args.out)

@@ -37,6 +37,12 @@ def abstract_model(config: qwen2.Qwen2Config) -> qwen2.Qwen2ForCausalLM:
   return nnx.eval_shape(lambda: qwen2.Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
 
 
+def layer_shapes(config: qwen2.Qwen2Config) -> dict[tuple, tuple[tuple[int, ...], np.dtype]]:
+  """``param_shapes`` with one entry per layer (the unscanned layout), whatever
+  ``config.scan_layers`` says: how Hugging Face files name the parameters."""
+  return param_shapes(abstract_model(dataclasses.replace(config, scan_layers=False)))
+
+
 def param_shapes(module: nnx.Module) -> dict[tuple, tuple[tuple[int, ...], np.dtype]]:
   """{parameter path: (shape, dtype)} of a (possibly abstract) module."""
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
@@ -64,9 +70,10 @@ def save(out_dir: str, config: qwen2.Qwen2Config, params: Iterable[tuple[tuple, 
                       ("hf_config", hf_config), ("hf_generation_config", hf_generation_config)):
     if value is not None:
       metadata[name] = value
+  depth = config.num_layers if config.scan_layers else None
   with weights.Writer(out_dir, metadata) as writer:
-    for path, array in params:
-      writer.write(weights.tensor_name(path), array)
+    for path, array in params:   # layer by layer: a scanned config stacks them as they come
+      writer.put(weights.tensor_name(path), array, scan_depth=depth)
 
 
 def read_metadata(ckpt_dir: str) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def _read_qwen2(hf_dir: str, dtype: Any):
   if hf is None:
     raise FileNotFoundError(f"{hf_dir} has no config.json")
   config = config_from_hf(hf, dtype)
-  shapes = checkpoint.param_shapes(checkpoint.abstract_model(config))
+  shapes = checkpoint.layer_shapes(config)
   return hf, config, tensor_io.iter_params(tensor_io.open_tensors(hf_dir), shapes,
                                            qwen2_tensor_name)
 
@@ -149,10 +149,12 @@ _VOCAB_TABLES = {("model", "embed_tokens", "embedding"): 0, ("lm_head", "kernel"
 
 def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: Any = "float32",
                      num_visual: int | None = None, seed: int = 0,
-                     new_rows_scale: float = 1.0) -> qwen2.Qwen2Config:
+                     new_rows_scale: float = 1.0, scan_layers: bool = False) -> qwen2.Qwen2Config:
   """Converts a HF decoder to our weights, one tensor at a time; ``num_visual``
-  extends the vocabulary for MUSE-VL."""
+  extends the vocabulary for MUSE-VL; ``scan_layers`` writes each layer's tensors into
+  their slices of stacked ones (either layout loads into either model)."""
   hf, config, params = _read_qwen2(hf_dir, dtype)
+  config = dataclasses.replace(config, scan_layers=scan_layers)
   layout = None
   if num_visual is not None:
     layout = muse_vl.VocabLayout(config.vocab_size, num_visual)
@@ -193,7 +195,7 @@ def checkpoint_to_hf(ckpt_dir: str, out_dir: str, *, dtype: str | None = None,
   config = checkpoint.read_config(ckpt_dir)
   dtype = _dtype_name(dtype or config.param_dtype)
   np_dtype = np.dtype(jnp.dtype(dtype))
-  shapes = checkpoint.param_shapes(checkpoint.abstract_model(config))
+  shapes = checkpoint.layer_shapes(config)   # a scanned store is read a layer slice at a time
   stored = {weights.tensor_name(path): jax.ShapeDtypeStruct(shape, source_dtype)
             for path, (shape, source_dtype) in shapes.items()}
   weights.check(weights.read_index(ckpt_dir), stored)

@@ -94,11 +94,15 @@ def load_siglip_vision(hf_dir: str, dtype: Any = jnp.float32) -> siglip.SiglipVi
                                 {path: jnp.asarray(a) for path, a in params})
 
 
-def hf_to_checkpoint(hf_dir: str, out_dir: str, dtype: Any = "float32") -> siglip.SiglipConfig:
+def hf_to_checkpoint(hf_dir: str, out_dir: str, dtype: Any = "float32",
+                     scan_layers: bool = False) -> siglip.SiglipConfig:
   """Writes the tower's parameters (``muse_jax.weights``, one tensor at a time) for
-  ``config.siglip_checkpoint``."""
+  ``config.siglip_checkpoint``; ``scan_layers`` writes each layer's tensors into their
+  slices of stacked ones (either layout loads into either model)."""
   config, params = _read_siglip_vision(hf_dir, dtype)
+  config = dataclasses.replace(config, scan_layers=scan_layers)
+  depth = config.depth if scan_layers else None
   with weights.Writer(out_dir, {"kind": KIND, "config": dataclasses.asdict(config)}) as writer:
     for path, array in params:
-      writer.write(weights.tensor_name(path), array)
+      writer.put(weights.tensor_name(path), array, scan_depth=depth)
   return config

@@ -128,7 +128,7 @@ def use_out_in_kernels(model: nnx.Module, matmul_impl: str = "xla") -> None:
   registered here (``cpu_matmul.load``, not while tracing), and decode steps of 2 to 8
   rows run it (``matmul``); batch-8 greedy decoding of the 31M benchmark Qwen2 is
   ~1.5x faster on CPU. One kernel is transposed at a time, so memory
-  grows by at most one kernel. The logical axis names are reversed with the
+  grows by at most one kernel. The logical axis names are swapped with the
   axes. Checkpoints and Hugging Face export expect [in, out]: convert and save
   the model before calling this, not after.
   """
@@ -141,9 +141,11 @@ def use_out_in_kernels(model: nnx.Module, matmul_impl: str = "xla") -> None:
     if hasattr(module, "matmul_impl"):
       module.matmul_impl = matmul_impl
     if isinstance(module, Linear) and not module.kernel_out_in:
+      # the last two axes: a scanned stack's kernels lead with their ``layers`` axis
       names = module.kernel.get_metadata().get("out_sharding")
-      module.kernel = nnx.Param(module.kernel[...].T, eager_sharding=False,
-                                out_sharding=tuple(reversed(names)) if names else None)
+      module.kernel = nnx.Param(jnp.swapaxes(module.kernel[...], -1, -2), eager_sharding=False,
+                                out_sharding=(*names[:-2], names[-1], names[-2]) if names
+                                else None)
       module.kernel_out_in = True
 
 

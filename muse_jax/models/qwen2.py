@@ -10,6 +10,11 @@ Sequences may be packed: ``segment_ids`` (0 = padding) keep documents apart and
 ``positions`` restart per segment. The KV cache is a plain pytree (``KVCache``)
 threaded through ``prefill`` / ``decode_step``; both go through the same layer
 code as the full forward, so cached decoding reproduces full-forward logits.
+
+With ``scan_layers`` the layers are one stacked module run by ``lax.scan``
+(``models/stack.py``; parameter paths lose the layer index: ``model.layers.mlp...``
+holds every layer's slice) and the cache's keys / values are stacked [L, ...] the
+same way.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from muse_jax.kernels import attention
 from muse_jax.models import layers
+from muse_jax.models import stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +53,8 @@ class Qwen2Config:
   attention_impl: str = "auto"        # kernels/attention.py: auto | xla | splash | cudnn
   attention_block_q: int = 512        # splash tiles (multiples of 128)
   attention_block_kv: int = 512
-  remat: bool = False                 # recompute each layer in the backward pass
+  scan_layers: bool = False           # stacked layers run by lax.scan (models/stack.py)
+  remat_policy: str = "none"          # what each layer keeps for backward (stack.REMAT_POLICIES)
 
   @property
   def attention(self) -> attention.Options:
@@ -108,8 +116,9 @@ class KVCache:
   each slot's RoPE position and ``next_positions`` the position of each row's
   next token.
   """
-  keys: tuple[jax.Array, ...]          # per layer [B, kv_heads, S, head_dim]
-  values: tuple[jax.Array, ...]
+  # per layer [B, kv_heads, S, head_dim]: a tuple, or stacked [L, ...] for scanned layers
+  keys: tuple[jax.Array, ...] | jax.Array
+  values: tuple[jax.Array, ...] | jax.Array
   positions: jax.Array                 # [B, S] int32
   valid: jax.Array                     # [B, S] int32, 1 = attendable
   next_positions: jax.Array            # [B] int32
@@ -222,13 +231,9 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, rope, mask, kv=None, cache_index=None):
     attn, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, cache_index)
-    x = x + attn
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    x = x + checkpoint_name(attn, stack.ATTN_OUT)
+    x = x + checkpoint_name(self.mlp(self.post_attention_layernorm(x)), stack.MLP_OUT)
     return layers.constrain(x, "batch", "seq", "act_embed"), kv
-
-
-def _run_layer(layer: DecoderLayer, x, rope, mask):
-  return layer(x, rope, mask)[0]
 
 
 class Qwen2Model(nnx.Module):
@@ -238,7 +243,8 @@ class Qwen2Model(nnx.Module):
     self.config = config
     self.embed_tokens = layers.embed(config.vocab_size, config.hidden_size, rngs=rngs,
                                      dtype=config.dtype, param_dtype=config.param_dtype)
-    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = stack.build(lambda: DecoderLayer(config, rngs=rngs), config.num_layers,
+                              config.scan_layers)
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs,
                         dtype=config.dtype, param_dtype=config.param_dtype)
 
@@ -247,16 +253,14 @@ class Qwen2Model(nnx.Module):
     x = layers.constrain(self.embed_tokens(ids), "batch", "seq", "act_embed")
     rope = rope_tables(positions, c.kv_dim, c.rope_theta, c.dtype)
     if cache is None:
-      run = nnx.remat(_run_layer) if c.remat else _run_layer
-      for layer in self.layers:
-        x = run(layer, x, rope, mask)
+      x, _ = stack.run(self.layers, lambda layer, x, _: layer(x, rope, mask), x,
+                       remat_policy=c.remat_policy)
       return self.norm(x), None
-    keys, values = [], []
-    for layer, k, v in zip(self.layers, cache.keys, cache.values):
-      x, (k, v) = layer(x, rope, mask, (k, v), cache.index)
-      keys.append(k)
-      values.append(v)
-    return self.norm(x), (tuple(keys), tuple(values))
+    scanned = stack.is_scanned(self.layers)
+    kv = (cache.keys, cache.values) if scanned else list(zip(cache.keys, cache.values))
+    x, kv = stack.run(self.layers, lambda layer, x, kv: layer(x, rope, mask, kv, cache.index),
+                      x, kv)
+    return self.norm(x), (kv if scanned else tuple(zip(*kv)))
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -317,9 +321,13 @@ class Qwen2ForCausalLM(nnx.Module):
     c = self.config
     shape = (batch, c.num_kv_heads, max_len, c.kv_dim)
     dtype = dtype or c.dtype
+    if stack.is_scanned(self.model.layers):
+      keys = values = jnp.zeros((c.num_layers, *shape), dtype)
+    else:
+      keys = values = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
     return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)),
+        keys=keys,
+        values=values,
         positions=jnp.zeros((batch, max_len), jnp.int32),
         valid=jnp.zeros((batch, max_len), jnp.int32),
         next_positions=jnp.zeros((batch,), jnp.int32),

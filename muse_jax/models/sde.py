@@ -79,7 +79,8 @@ class SemanticDecoder(nnx.Module):
         enc.param_dtype)
     self.encoder = siglip.Encoder(width, cfg.semantic_decoder_depth, cfg.semantic_decoder_heads,
                                   cfg.semantic_decoder_mlp_dim, enc.layer_norm_eps,
-                                  attention=enc.attention, **kw)
+                                  attention=enc.attention, scan_layers=enc.scan_layers,
+                                  remat_policy=enc.remat_policy, **kw)
     self.norm = layers.layer_norm(width, eps=enc.layer_norm_eps, **kw)
     self.out_proj = layers.linear(width, enc.width, ("embed", None), **kw)
 

@@ -18,9 +18,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from muse_jax.kernels import attention as attention_lib
 from muse_jax.models import layers
+from muse_jax.models import stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,8 @@ class SiglipConfig:
   attention_impl: str = "auto"     # kernels/attention.py: auto | xla | splash | cudnn
   attention_block_q: int = 512     # splash tiles (multiples of 128)
   attention_block_kv: int = 512
+  scan_layers: bool = False        # stacked layers run by lax.scan (models/stack.py)
+  remat_policy: str = "none"       # what each layer keeps for backward (stack.REMAT_POLICIES)
 
   @property
   def attention(self) -> attention_lib.Options:
@@ -103,24 +107,28 @@ class EncoderLayer(nnx.Module):
     self.mlp = Mlp(width, mlp_dim, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x))
-    return layers.constrain(x + self.mlp(self.layer_norm2(x)), "batch", "seq", "act_embed")
+    x = x + checkpoint_name(self.self_attn(self.layer_norm1(x)), stack.ATTN_OUT)
+    x = x + checkpoint_name(self.mlp(self.layer_norm2(x)), stack.MLP_OUT)
+    return layers.constrain(x, "batch", "seq", "act_embed")
 
 
 class Encoder(nnx.Module):
+  """``depth`` pre-norm blocks; ``scan_layers`` / ``remat_policy`` as in ``SiglipConfig``."""
 
   def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, eps: float, *,
                rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-               attention: attention_lib.Options = attention_lib.Options()):
-    self.layers = nnx.List([
-        EncoderLayer(width, num_heads, mlp_dim, eps, rngs=rngs, dtype=dtype,
-                     param_dtype=param_dtype, attention=attention)
-        for _ in range(depth)])
+               attention: attention_lib.Options = attention_lib.Options(),
+               scan_layers: bool = False, remat_policy: str = "none"):
+    stack.check_policy(remat_policy)
+    self.remat_policy = remat_policy
+    self.layers = stack.build(
+        lambda: EncoderLayer(width, num_heads, mlp_dim, eps, rngs=rngs, dtype=dtype,
+                             param_dtype=param_dtype, attention=attention),
+        depth, scan_layers)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    for layer in self.layers:
-      x = layer(x)
-    return x
+    return stack.run(self.layers, lambda layer, x, _: (layer(x), None), x,
+                     remat_policy=self.remat_policy)[0]
 
 
 class PatchEmbeddings(nnx.Module):
@@ -155,7 +163,9 @@ class SiglipVisionTower(nnx.Module):
     kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
     self.embeddings = PatchEmbeddings(config, rngs=rngs)
     self.encoder = Encoder(config.width, config.depth, config.num_heads, config.mlp_dim,
-                           config.layer_norm_eps, attention=config.attention, **kw)
+                           config.layer_norm_eps, attention=config.attention,
+                           scan_layers=config.scan_layers, remat_policy=config.remat_policy,
+                           **kw)
     self.post_layernorm = layers.layer_norm(config.width, eps=config.layer_norm_eps, **kw)
 
   def __call__(self, pixels: jax.Array) -> jax.Array:

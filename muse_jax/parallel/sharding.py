@@ -48,6 +48,9 @@ DEFAULT_RULES: Rules = (
     ("norm", None),
     ("codebook", None),
     ("code_dim", None),
+    # the stacked axis of scanned layers (models/stack.py): whole, so that each scan
+    # step reads its layer locally; a rule naming a mesh axis here shards the stack
+    ("layers", None),
     # activations (``layers.constrain``): split over the batch, whole otherwise, so
     # that tensor-parallel blocks all-reduce back into a replicated residual stream
     ("seq", None),
