@@ -30,6 +30,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": [
         "pytest>=9,<10",
+        "pytest-xdist>=3.8,<4",      # the README's test command runs the files on 2 workers
         "torch==2.13.0",             # numerical reference only; CPU wheel
         "gcp-storage-emulator>=2026.7,<2027",   # local GCS for the gs:// workdir test
         "torchvision==0.28.0",       # pytorch-fid's model code (tests/conftest.py: CPU torch)
