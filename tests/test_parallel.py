@@ -42,7 +42,7 @@ EXPECTED_RULES = {
     "embed": "fsdp", "conv_out": "fsdp",
     "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor",
     "conv_in": None, "conv_h": None, "conv_w": None, "positions": None, "norm": None,
-    "codebook": None, "code_dim": None,
+    "codebook": None, "code_dim": None, "layers": None,
     "seq": None, "act_embed": None, "spatial": None, "act_channels": None,
 }
 
