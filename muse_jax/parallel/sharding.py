@@ -17,6 +17,7 @@ wide SigLIP on fsdp=256), so any mesh works for any model.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any, Sequence
 
@@ -107,8 +108,13 @@ def make_mesh(c: ml_collections.ConfigDict | None = None,
     try:
       from jax.experimental import mesh_utils
       array = mesh_utils.create_device_mesh(sizes, devices=devices)
-    except (AssertionError, NotImplementedError, ValueError):
-      array = np.asarray(devices).reshape(sizes)   # abstract or CPU devices: any order
+    except (AssertionError, NotImplementedError, ValueError) as e:
+      # CPU devices have no topology, any order is as good; on TPU / GPU the list order
+      # may put an axis's collectives on slower links, so say so
+      if devices[0].platform != "cpu":
+        logging.warning("mesh %s: no topology-aware layout of these %s devices (%s); using "
+                        "them in list order", dict(zip(MESH_AXES, sizes)), devices[0].platform, e)
+      array = np.asarray(devices).reshape(sizes)
   return Mesh(array, MESH_AXES)
 
 
