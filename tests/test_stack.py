@@ -68,6 +68,16 @@ def test_decoder_logits_loss_gradients_and_greedy_decoding_agree_across_layouts(
   assert scanned.init_cache(2, 16).keys.shape == (3, 2, 2, 16, 8)
 
 
+def test_scanned_init_traces_two_layers_whatever_the_depth():
+  """Init builds the first layer and vmaps the rest, so its program does not grow with depth."""
+  def equations(depth):
+    config = dataclasses.replace(TINY, num_layers=depth, scan_layers=True)
+    init = lambda: nnx.state(qwen2.Qwen2ForCausalLM(config, rngs=nnx.Rngs(0)))
+    return len(jax.make_jaxpr(init)().eqns)
+
+  assert equations(3) == equations(12)
+
+
 def test_siglip_tower_and_sde_forward_agree_across_layouts():
   """The SDE forward of the semantic ablation: a SigLIP tower, the quantiser and the
   semantic decoder (the image branch adds the same tower class and a pixel decoder,
@@ -80,6 +90,10 @@ def test_siglip_tower_and_sde_forward_agree_across_layouts():
   scanned = _scanned_copy(plain)
   assert stack.is_scanned(scanned.semantic_decoder.encoder.layers)
   assert stack.is_scanned(scanned.semantic_encoder.encoder.layers)
+  config.model.scan_layers = True   # a seed gives the same weights in either layout
+  built = sde.SDETokenizer(config_lib.sde_model_config(config), rngs=nnx.Rngs(0))
+  for a, b in zip(jax.tree.leaves(nnx.state(scanned)), jax.tree.leaves(nnx.state(built))):
+    np.testing.assert_array_equal(a, b)
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
   forward = nnx.jit(lambda m, x: (m.semantic_encoder(x), m(x)))
   (tower, out), (tower_scanned, out_scanned) = forward(plain, images), forward(scanned, images)

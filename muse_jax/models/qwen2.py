@@ -243,8 +243,8 @@ class Qwen2Model(nnx.Module):
     self.config = config
     self.embed_tokens = layers.embed(config.vocab_size, config.hidden_size, rngs=rngs,
                                      dtype=config.dtype, param_dtype=config.param_dtype)
-    self.layers = stack.build(lambda: DecoderLayer(config, rngs=rngs), config.num_layers,
-                              config.scan_layers)
+    self.layers = stack.build(lambda r: DecoderLayer(config, rngs=r), config.num_layers,
+                              config.scan_layers, rngs)
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs,
                         dtype=config.dtype, param_dtype=config.param_dtype)
 

@@ -122,9 +122,9 @@ class Encoder(nnx.Module):
     stack.check_policy(remat_policy)
     self.remat_policy = remat_policy
     self.layers = stack.build(
-        lambda: EncoderLayer(width, num_heads, mlp_dim, eps, rngs=rngs, dtype=dtype,
-                             param_dtype=param_dtype, attention=attention),
-        depth, scan_layers)
+        lambda r: EncoderLayer(width, num_heads, mlp_dim, eps, rngs=r, dtype=dtype,
+                               param_dtype=param_dtype, attention=attention),
+        depth, scan_layers, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return stack.run(self.layers, lambda layer, x, _: (layer(x), None), x,

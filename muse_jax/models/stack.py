@@ -4,9 +4,8 @@ A stack is either an ``nnx.List`` of layers run by a Python loop (the unscanned
 layout: XLA compiles every layer on its own) or one layer module whose parameters
 carry a leading ``layers`` axis, run by ``jax.lax.scan`` (the scanned layout:
 one layer body compiled once, so compile time no longer grows with depth).
-The scanned stack is built by stacking the unscanned layers' parameters, so a
-seed gives the same weights in both layouts and ``to_scanned`` / ``to_unscanned``
-convert between them exactly.
+A seed gives the same weights in both layouts (``build``), and ``to_scanned`` /
+``to_unscanned`` convert between them exactly.
 
 Every stack (the Qwen2 decoder, the SigLIP towers, the SDE semantic decoder)
 is a module attribute named ``layers`` and runs through ``run``, which also
@@ -44,10 +43,35 @@ def check_policy(policy: str) -> None:
     raise ValueError(f"remat_policy {policy!r} is unknown; choose one of {tuple(REMAT_POLICIES)}")
 
 
-def build(make_layer: Callable[[], nnx.Module], depth: int, scan: bool) -> Stack:
-  """``depth`` layers from ``make_layer``, as a list or (``scan``) stacked."""
-  layers = [make_layer() for _ in range(depth)]
-  return to_scanned(layers) if scan else nnx.List(layers)
+def build(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, scan: bool,
+          rngs: nnx.Rngs) -> Stack:
+  """``depth`` layers ``make_layer(rngs)``, as a list or (``scan``) stacked.
+
+  The scanned stack is not built layer by layer: the first layer is, and the rest
+  come from one ``jax.vmap`` of ``make_layer`` over the layer index, so the
+  initialiser's program holds two layers whatever the depth. Each vmapped layer
+  gets its own ``Rngs`` whose stream counters start where the unrolled loop's
+  would (an ``RngStream`` draws ``fold_in(key, count)`` and counts up), so both
+  layouts draw the same keys and a seed gives the same weights.
+  """
+  if not scan:
+    return nnx.List([make_layer(rngs) for _ in range(depth)])
+  streams = dict(rngs.items())
+  start = {name: stream.count[...] for name, stream in streams.items()}
+  graphdef, first = nnx.split(make_layer(rngs))
+  per_layer = {name: stream.count[...] - start[name] for name, stream in streams.items()}
+
+  def layer_state(index):
+    own = nnx.Rngs(**{name: stream.key[...] for name, stream in streams.items()})
+    for name, stream in own.items():
+      stream.count[...] = start[name] + index * per_layer[name]
+    return nnx.split(make_layer(own))[1]
+
+  rest = jax.vmap(layer_state)(jnp.arange(1, depth, dtype=jnp.uint32))
+  for name, stream in streams.items():
+    stream.count[...] = start[name] + depth * per_layer[name]
+  stacked = jax.tree.map(lambda x, xs: jnp.concatenate([x[None], xs]), first, rest)
+  return nnx.merge(graphdef, nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: LAYERS_AXIS}))
 
 
 def is_scanned(stack: Stack) -> bool:
