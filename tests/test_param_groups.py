@@ -14,7 +14,7 @@ from muse_jax import config_lib, weights
 from muse_jax.convert import __main__ as convert_cli
 from muse_jax.models import qwen2
 from muse_jax.parallel import sharding
-from muse_jax.train import llm_trainer
+from muse_jax.train import llm_trainer, param_groups
 
 
 def tiny_decoder_config():
@@ -109,6 +109,37 @@ def test_a_group_scale_scales_its_first_update(converted):
       assert not part.any(), name
     else:
       np.testing.assert_allclose(part, full, rtol=1e-5, atol=3e-8, err_msg=name)
+
+
+def _unrolled(tensors):
+  """{name: array} with each scanned stack's tensor split into its layers' names."""
+  out = {}
+  for name, value in tensors.items():
+    names = param_groups.unrolled_names(name, value.shape)
+    out.update(zip(names, value) if names != [name] else [(name, value)])
+  return out
+
+
+def test_groups_name_layers_the_same_way_in_a_scanned_stack(converted):
+  """A pattern with a layer index freezes that slice of a scanned stack's tensors, and both
+  layouts take the same grouped step."""
+  def grouped_step(scan):
+    c = tiny_decoder_config()
+    c.model.scan_layers = scan
+    c.optimizer.grad_clip = 0.0
+    c.param_groups.last_layer = dict(pattern=r"layers/1/", lr_scale=0.0)
+    c.param_groups.mlp = dict(pattern=r"/mlp/", lr_scale=0.5)
+    final, start, _ = train(c, converted, steps=1)
+    assert ("model/layers/mlp/up_proj/kernel" in final) == scan
+    return _unrolled(final), _unrolled(start)
+
+  (plain, start), (scanned, scanned_start) = grouped_step(False), grouped_step(True)
+  assert sorted(scanned) == sorted(plain) and "model/layers/1/mlp/up_proj/kernel" in plain
+  for name, before in start.items():
+    np.testing.assert_array_equal(scanned_start[name], before, err_msg=name)
+    np.testing.assert_allclose(scanned[name], plain[name], rtol=1e-5, atol=3e-8, err_msg=name)
+    moved = (plain[name] != before).any()
+    assert moved == ("layers/1/" not in name), name
 
 
 @pytest.mark.parametrize("group, message", [

@@ -187,7 +187,8 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   layout = config_lib.vocab_layout(config)
   grouped = param_groups.active(config)
   if grouped:
-    param_groups.validate(config, [name for name, _ in weights.named_leaves(abstract["params"])])
+    param_groups.validate(config, [n for name, leaf in weights.named_leaves(abstract["params"])
+                                   for n in param_groups.unrolled_names(name, leaf.shape)])
 
   def stats_fn(params, batch):
     """[3, 2] sums (nll, correct, weight) over text targets (column 0) and visual ones (1)."""

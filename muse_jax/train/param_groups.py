@@ -13,6 +13,10 @@
 
 The first group whose pattern matches (and, for ``rows="new"``, the new rows)
 decides; everything else trains at ``config.param_groups_default_lr_scale``.
+Patterns read the unrolled names in either layout: a scanned stack's tensor
+(``model/layers/mlp/up_proj/kernel``, layers stacked on axis 0) is matched one
+layer at a time as ``model/layers/<i>/mlp/up_proj/kernel``, so ``layers/3/``
+freezes slice 3 of it.
 "Train only the new rows first" is a default of 0 and one group
 ``{pattern: "embed_tokens|lm_head", rows: "new", lr_scale: 1}``; the next stage
 starts from that run (``init_from``) with no groups.
@@ -33,13 +37,22 @@ import ml_collections
 
 from muse_jax import config_lib
 from muse_jax import weights
+from muse_jax.models import stack
 
 ROWS = ("all", "new")
 
 
+def unrolled_names(name: str, shape: tuple[int, ...]) -> list[str]:
+  """The names patterns see for a tensor: one per layer of a scanned stack's tensor."""
+  if stack.is_stacked_name(name):
+    return [stack.layer_name(name, layer) for layer in range(shape[0])]
+  return [name]
+
+
 def validate(c: ml_collections.ConfigDict, param_names: list[str]) -> None:
   """ConfigError for a group that cannot apply: a bad pattern, scale or rows value, or a
-  pattern that matches no parameter (a typo would otherwise train everything)."""
+  pattern that matches no parameter (a typo would otherwise train everything).
+  ``param_names``: the unrolled names (``unrolled_names``)."""
   config_lib.check(c.param_groups_default_lr_scale >= 0, "param_groups_default_lr_scale",
                    f"{c.param_groups_default_lr_scale}", "use 0 (frozen) or a positive scale")
   for name, group in c.param_groups.items():
@@ -71,26 +84,40 @@ def scales(params: Any, c: ml_collections.ConfigDict, vocab_size: int,
             for g in c.param_groups.values()]
   default = float(c.param_groups_default_lr_scale)
 
-  def leaf_scale(path, leaf):
-    # an nnx Variable's array sits under its ".value" attribute: not part of the name
-    name = weights.tensor_name([k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)])
-    vocab_axes = [i for i, size in enumerate(leaf.shape) if size == vocab_size]
+  def tensor_scale(name, shape):
+    vocab_axes = [i for i, size in enumerate(shape) if size == vocab_size]
     new_rows = None
     if len(vocab_axes) == 1:
       axis = vocab_axes[0]
-      shape = [1] * len(leaf.shape)
-      shape[axis] = vocab_size
-      new_rows = jax.lax.broadcasted_iota(jnp.int32, shape, axis) >= text_size
-    # walk the groups backwards so that the first match is applied last and wins
-    scale = jnp.asarray(default, jnp.float32)
+      rows_shape = [1] * len(shape)
+      rows_shape[axis] = vocab_size
+      new_rows = jax.lax.broadcasted_iota(jnp.int32, rows_shape, axis) >= text_size
+    # walk the groups backwards so that the first match is applied last and wins; a float
+    # until a vocabulary split makes it an array
+    scale = default
     for pattern, lr_scale, rows in reversed(groups):
       if not pattern.search(name):
         continue
       if rows == "all":
-        scale = jnp.asarray(lr_scale, jnp.float32)
+        scale = lr_scale
       elif new_rows is not None:
-        scale = jnp.where(new_rows, jnp.float32(lr_scale), scale)
+        scale = jnp.where(new_rows, jnp.float32(lr_scale), jnp.float32(scale))
     return scale
+
+  def leaf_scale(path, leaf):
+    # an nnx Variable's array sits under its ".value" attribute: not part of the name
+    name = weights.tensor_name([k for k in path if not isinstance(k, jax.tree_util.GetAttrKey)])
+    names = unrolled_names(name, leaf.shape)
+    if names == [name]:
+      return jnp.asarray(tensor_scale(name, leaf.shape), jnp.float32)
+    # a scanned stack: one scale per layer slice, stacked along the layers axis
+    per_layer = [tensor_scale(n, leaf.shape[1:]) for n in names]
+    if all(isinstance(s, float) for s in per_layer) and len(set(per_layer)) == 1:
+      return jnp.asarray(per_layer[0], jnp.float32)
+    per_layer = [jnp.asarray(s, jnp.float32) for s in per_layer]
+    slice_shape = jnp.broadcast_shapes(*(s.shape for s in per_layer))
+    slice_shape = (1,) * (leaf.ndim - 1 - len(slice_shape)) + tuple(slice_shape)
+    return jnp.stack([jnp.broadcast_to(s, slice_shape) for s in per_layer])
 
   return jax.tree_util.tree_map_with_path(leaf_scale, params)
 
