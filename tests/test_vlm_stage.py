@@ -147,6 +147,11 @@ def test_init_from_converted_weights_or_a_run_keeps_the_loaded_rows(runs, sde_ru
   assert_same_leaves(out["state"]["params"], straight["state"]["params"])
   used = json.load(open(tmp_path / "sft" / "config.json"))
   assert (used["sde_workdir"], used["tokenizer_dir"]) == (sde_run, c.tokenizer_dir)
+  # a run's checkpoint keeps its layout: the other one is refused with the field to set
+  sft.model.scan_layers = True
+  with pytest.raises(config_lib.ConfigError, match=r"^config.model.scan_layers: True, but the "
+                     r"run .* stores its layers unrolled .* set --config.model.scan_layers=False"):
+    llm_trainer.train(sft, str(tmp_path / "sft_scanned"), stop_after=0)
 
 
 def test_a_config_without_sde_run_trains_its_sde_config_first(tmp_path):
