@@ -231,6 +231,38 @@ def _dims(shape: str) -> list[int]:
   return [int(d) for d in match.group(1).split(",") if d] if match else []
 
 
+def _window(rest: str, spatial: int) -> list[tuple[int, tuple[int, int], int, int]]:
+  """(stride, (pad low, pad high), lhs dilation, rhs dilation) per spatial dimension of a
+  convolution's ``window={size=3x3 stride=2x2 pad=1_1x1_1 lhs_dilate=... rhs_dilate=...}``."""
+  match = re.search(r"window=\{([^}]*)\}", rest)
+  fields = dict(f.split("=", 1) for f in match.group(1).split()) if match else {}
+
+  def per_dim(key, default):
+    return ([int(v) if "_" not in v else tuple(int(p) for p in v.split("_"))
+             for v in fields[key].split("x")] if key in fields else [default] * spatial)
+
+  return list(zip(per_dim("stride", 1), per_dim("pad", (0, 0)), per_dim("lhs_dilate", 1),
+                  per_dim("rhs_dilate", 1)))
+
+
+def _window_terms(size: int, out: int, window: int, stride: int, pad_lo: int,
+                  lhs_dilate: int, rhs_dilate: int) -> int:
+  """Pairs (output position, window position) of one dimension that read an input element:
+  position ``o * stride + w * rhs_dilate - pad_lo`` of the dilated input, which holds the
+  input at multiples of ``lhs_dilate`` up to ``(size - 1) * lhs_dilate``."""
+  last = (size - 1) * lhs_dilate
+  total = 0
+  for w in range(window):
+    start = w * rhs_dilate - pad_lo   # the position output 0 reads
+    if lhs_dilate == 1:   # outputs o with 0 <= start + o * stride <= last
+      first = max(0, -(-(-start) // stride))
+      total += max(0, min(out - 1, (last - start) // stride) - first + 1) if last >= start else 0
+    else:
+      total += sum(1 for o in range(out)
+                   if 0 <= start + o * stride <= last and (start + o * stride) % lhs_dilate == 0)
+  return total
+
+
 class HloFlops:
   """Matmul FLOPs of an optimised HLO module (``compiled.as_text()``), loops counted per
   iteration: ``loop_extra()`` is what ``cost_analysis`` leaves out."""
@@ -262,12 +294,23 @@ class HloFlops:
       return 2.0 * math.prod(_dims(ins.shape)) * math.prod(
           lhs[int(d)] for d in contracted.split(",") if d)
     if ins.opcode == "convolution":
-      # each output element is a dot over the kernel's input features and window (XLA
-      # leaves out the zero padding at borders; counting it costs a few % on small images)
-      kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", ins.rest).group(1)
+      # each output element is a dot over the kernel's input features and the window
+      # positions that fall on the input, not on its padding. XLA:TPU writes some batched
+      # dots as a convolution whose window slides over zero padding (window 28, padding
+      # 27 each side: one real term per output), so padding must not be counted.
+      lhs_labels, kernel_labels, out_labels = re.search(
+          r"dim_labels=(\w+)_(\w+)->(\w+)", ins.rest).groups()
+      lhs = _dims(self.instructions[ins.operands()[0]].shape)
       kernel = _dims(self.instructions[ins.operands()[1]].shape)
-      return 2.0 * math.prod(_dims(ins.shape)) * math.prod(kernel) / kernel[
-          kernel_labels.index("o")]
+      out = _dims(ins.shape)
+      window = _window(ins.rest, sum(c.isdigit() for c in kernel_labels))
+      terms = 1
+      for d, (stride, (pad_lo, _), lhs_dilate, rhs_dilate) in enumerate(window):
+        terms *= _window_terms(lhs[lhs_labels.index(str(d))], out[out_labels.index(str(d))],
+                               kernel[kernel_labels.index(str(d))], stride, pad_lo,
+                               lhs_dilate, rhs_dilate)
+      return (2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * terms
+              * kernel[kernel_labels.index("i")])
     return 0.0
 
   def _source(self, name: str) -> _Instruction | None:

@@ -249,22 +249,35 @@ def test_flops_per_device_count_every_loop_iteration(v5e_mesh):
   square = (arg((m, n)), arg((n, n)))
   assert flops(scan, *square) == 10 * 2 * m * n * n
   assert flops(nested, *square) == 30 * 2 * m * n * n
-  # a 3x3 convolution in a loop: each output element sums over the window and input features
+  # a padded 3x3 convolution in a loop: each output element sums over the input features
+  # and the window positions inside the image (per row: 16 x 3 pairs, less 2 on the border)
   images, kernel = arg((8, 16, 16, 32)), arg((3, 3, 32, 32))
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="VALID",
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def convs(x, w):
-    border = ((0, 0), (1, 1), (1, 1), (0, 0))
-    return jax.lax.scan(lambda y, _: (y + jnp.pad(conv(y, w), border), None), x, None,
-                        length=4)[0]
+    return jax.lax.scan(lambda y, _: (y + conv(y, w), None), x, None, length=4)[0]
 
-  assert flops(convs, images, kernel) == pytest.approx(4 * 2 * (8 * 14 * 14 * 32) * (3 * 3 * 32),
+  assert flops(convs, images, kernel) == pytest.approx(4 * 2 * (8 * 32) * 46 * 46 * 32,
                                                        rel=1e-2)   # and the adds
   # the gradient runs the scan forward, then two matmuls per step backward (plus the
   # elementwise sum and casts that XLA counts too)
   grad = jax.grad(lambda b, a: jnp.sum(scan(a, b).astype(jnp.float32)))
   assert flops(grad, *square[::-1]) == pytest.approx(30 * 2 * m * n * n, rel=1e-3)
+
+
+@pytest.mark.parametrize("size, window, stride, pad_lo, pad_hi, lhs_dilate, rhs_dilate", [
+    (16, 3, 1, 1, 1, 1, 1), (16, 3, 2, 1, 0, 1, 1), (1, 28, 1, 27, 27, 1, 1),
+    (7, 4, 1, 3, 3, 2, 1), (9, 3, 1, 2, 2, 1, 2), (5, 5, 3, 0, 0, 1, 1)])
+def test_window_terms_count_the_pairs_that_read_the_input(size, window, stride, pad_lo, pad_hi,
+                                                          lhs_dilate, rhs_dilate):
+  dilated = (size - 1) * lhs_dilate + 1
+  out = (dilated + pad_lo + pad_hi - (window - 1) * rhs_dilate - 1) // stride + 1
+  brute = sum(1 for o in range(out) for w in range(window)
+              if 0 <= o * stride + w * rhs_dilate - pad_lo < dilated
+              and (o * stride + w * rhs_dilate - pad_lo) % lhs_dilate == 0)
+  assert compile_lib._window_terms(size, out, window, stride, pad_lo, lhs_dilate,
+                                   rhs_dilate) == brute
 
 
 def test_a_step_xla_refuses_is_reported_with_what_may_fit():
