@@ -110,7 +110,11 @@ def run(stack: Stack, layer_fn: Callable[..., tuple[Any, Any]], carry: Any, xs: 
     return layer_fn(nnx.merge(graphdef, state), carry, x)
 
   if remat_policy != "none":
-    call = jax.checkpoint(call, policy=REMAT_POLICIES[remat_policy], static_argnums=(0,))
+    # the optimisation barriers that keep XLA from merging the recomputation with the
+    # forward pass are needed between unrolled layers only: a scan's backward loop cannot
+    # reach the forward loop's values, and the barriers would constrain its scheduling
+    call = jax.checkpoint(call, policy=REMAT_POLICIES[remat_policy], static_argnums=(0,),
+                          prevent_cse=not is_scanned(stack))
   if is_scanned(stack):
     graphdef, state = nnx.split(stack)
     return jax.lax.scan(lambda c, s_x: call(graphdef, s_x[0], c, s_x[1]), carry, (state, xs))
