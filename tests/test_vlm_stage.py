@@ -152,6 +152,11 @@ def test_init_from_converted_weights_or_a_run_keeps_the_loaded_rows(runs, sde_ru
   with pytest.raises(config_lib.ConfigError, match=r"^config.model.scan_layers: True, but the "
                      r"run .* stores its layers unrolled .* set --config.model.scan_layers=False"):
     llm_trainer.train(sft, str(tmp_path / "sft_scanned"), stop_after=0)
+  resumed = config.copy_and_resolve_references()
+  resumed.model.scan_layers = True
+  with pytest.raises(config_lib.ConfigError, match=r"^config.model.scan_layers: True, but the "
+                     r"run in .* stores its layers unrolled .* set --config.model.scan_layers="):
+    llm_trainer.train(resumed, straight_dir)
 
 
 def test_a_config_without_sde_run_trains_its_sde_config_first(tmp_path):

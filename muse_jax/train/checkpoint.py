@@ -12,11 +12,13 @@ directory may be local or ``gs://`` (``etils.epath``).
 
 Before restoring, every array's shape is compared with what the current config
 builds; a mismatch names the tensor and both shapes instead of failing deep in
-Orbax (e.g. a run restarted with a different ``model.code_dim``).
+Orbax (e.g. a run restarted with a different ``model.code_dim``); a run restarted
+with the other ``model.scan_layers`` is told the flag to set (``check_same_layout``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from muse_jax import config_lib
 
 
 class CheckpointMismatchError(ValueError):
@@ -106,6 +110,21 @@ def as_path(path: str | epath.Path) -> epath.Path:
   if isinstance(path, epath.Path) or "://" in str(path):
     return epath.Path(path)
   return epath.Path(os.path.abspath(path))
+
+
+def check_same_layout(config, run_dir: str | epath.Path, whose: str) -> None:
+  """A ConfigError when the run in ``run_dir`` (its ``config.json``) stored its layer stacks in
+  the other layout than ``config.model.scan_layers`` builds (``models/stack.py``): its
+  checkpoints then hold other tensors, and the fix is one flag."""
+  saved = as_path(run_dir) / "config.json"
+  if not saved.exists():
+    return
+  saved_scan = json.loads(saved.read_text()).get("model", {}).get("scan_layers", False)
+  scan = config.model.get("scan_layers", False)
+  config_lib.check(saved_scan == scan, "model.scan_layers",
+                   f"{scan}, but {whose} {run_dir} stores its layers "
+                   f"{'scanned' if saved_scan else 'unrolled'} (a run's checkpoints keep their "
+                   "layout)", f"set --config.model.scan_layers={saved_scan}")
 
 
 def save_config(config, workdir: str | epath.Path) -> None:

@@ -120,14 +120,8 @@ def load_pretrained(setup: Setup, state: dict[str, Any],
   """
   if not config.init_from:
     return state
-  saved_config = epath.Path(config.init_from) / "config.json"
-  if saved_config.exists():   # a training run of ours
-    saved_scan = json.loads(saved_config.read_text()).get("model", {}).get("scan_layers", False)
-    config_lib.check(
-        saved_scan == setup.model_config.scan_layers, "model.scan_layers",
-        f"{setup.model_config.scan_layers}, but the run config.init_from={config.init_from} "
-        f"stores its layers {'scanned' if saved_scan else 'unrolled'} (a run's checkpoint "
-        "keeps its layout)", f"set --config.model.scan_layers={saved_scan}")
+  if (epath.Path(config.init_from) / "config.json").exists():   # a training run of ours
+    checkpoint_lib.check_same_layout(config, config.init_from, "the run config.init_from =")
     jax.tree.map(lambda x: x.delete(), state["params"])
     restored, step = weights.load_run_params(config.init_from,
                                              {"params": setup.abstract_state["params"]})

@@ -265,6 +265,7 @@ def _train(config, workdir, make_stage, stop_after, profile_steps, preemption, p
                                      clean_incomplete=True)
   start = ckpt.latest_step()
   if start is not None:
+    checkpoint_lib.check_same_layout(config, workdir, "the run in")
     state, data_state = ckpt.restore(start, stage.abstract_state)
     batches.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
