@@ -3,10 +3,11 @@
 MUSE-VL section 4.1: the embedding and LM head grow by 32768 visual ids (plus
 ``<soi>``/``<eoi>``, padded to a multiple of 128); AdamW(0.9, 0.95), lr 1e-4,
 cosine with warmup. bf16 compute, fp32 parameters and moments, FSDP over every
-chip by default. The layers are stacked and scanned (``model.scan_layers``) and
-each is rematerialised in the backward pass (``model.remat_policy="full"``, the
-least activation memory); compare the policies on a slice with
-``--remat_policy=sweep`` (README, "Parallelism").
+chip by default. The layers are stacked and scanned (``model.scan_layers``); the
+remat policy is the one planned for the preset on a v5p-128
+(``config_lib.PLANNED_REMAT_POLICY``: the fastest that leaves 15% of HBM free;
+``full``, the least memory, for presets not planned). Compare the policies on
+another slice with ``--remat_policy=sweep`` (README, "Parallelism").
 
 The arg picks the base model (default qwen2.5-7b; any name in
 ``muse_jax.models.qwen2.PRESETS``). Check that a slice fits before renting it:

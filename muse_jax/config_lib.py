@@ -339,6 +339,14 @@ def _validate_codebook(c: ml_collections.ConfigDict) -> None:
         "restart_after=0")
 
 
+# The remat policy of each planned preset: the fastest policy whose train step (256 x 2048
+# tokens, fsdp over a v5p-128) leaves at least 15% of a chip's HBM free, from
+# `python -m muse_jax.compile --config=configs/muse_vl.py:PRESET --topology=v5p-128
+# --remat_policy=sweep` (README, "Parallelism"). Other presets keep "full", the least memory.
+PLANNED_REMAT_POLICY = {"qwen2.5-7b": "save_dots", "qwen2.5-32b": "save_attn_mlp_out",
+                        "yi-1.5-34b": "save_dots"}
+
+
 def llm_defaults(preset: str) -> ml_collections.ConfigDict:
   """A MUSE-VL decoder run on the published ``preset`` (``qwen2.5-7b``, ``yi-1.5-9b``, ...).
 
@@ -355,10 +363,9 @@ def llm_defaults(preset: str) -> ml_collections.ConfigDict:
   c.init_from = ""
   c.mesh = sharding.mesh_config(data=1, fsdp=-1, tensor=1)   # ZeRO-3 over every chip
   model = dataclasses.asdict(qwen2.Qwen2Config.preset(preset))
-  # stacked layers under lax.scan; remat "full" (what remat=True was) keeps only each
-  # layer's input for the backward pass, the least activation memory at 256 x 2048
-  # tokens (python -m muse_jax.compile ... --remat_policy=sweep compares the policies)
-  model.update(dtype="bfloat16", param_dtype="float32", scan_layers=True, remat_policy="full")
+  # stacked layers under lax.scan, with the remat policy planned for the preset (below)
+  model.update(dtype="bfloat16", param_dtype="float32", scan_layers=True,
+               remat_policy=PLANNED_REMAT_POLICY.get(preset, "full"))
   c.model = ml_collections.ConfigDict(model)
   c.vocab = ml_collections.ConfigDict(dict(num_visual=32768, pad_multiple=128))
   c.total_steps = 100_000
