@@ -25,8 +25,9 @@ The full config keeps the paper's recipe (symmetric init, no restarts).
 Ablations (paper Table 6): --config.model.mode=image | semantic | both.
 
 The towers and the semantic decoder are stacked and scanned (``model.scan_layers``)
-without remat (``model.remat_policy="none"``): the step already fits a v5p-8 without
-it (README, "Parallelism"), and recomputing would only cost time; the demo unrolls them.
+and keep only their matmul outputs for the backward pass
+(``model.remat_policy="save_dots"``: the fastest policy that fits, README,
+"Parallelism"); the demo unrolls them without remat.
 """
 
 from muse_jax import config_lib

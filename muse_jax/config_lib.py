@@ -169,11 +169,12 @@ def sde_model(*, image_size: int, patch_size: int, width: int, depth: int, num_h
       attention_block_kv=512,
       vq_impl="auto",          # auto | naive | chunked | pallas (docs/kernels.md)
       # SigLIP towers and semantic decoder: stacked layers under lax.scan (one layer
-      # compiled, not 24-27), no remat: both SDE steps fit a v5p-8 without it (README,
-      # "Parallelism") and recomputing would only cost time (stack.REMAT_POLICIES;
-      # compare with python -m muse_jax.compile ... --remat_policy=sweep)
+      # compiled, not 24-27). save_dots: a scan keeps every intermediate a layer's backward
+      # needs, so "none" doubles the sde_256 step's memory and does not fit sde_384 on a
+      # v5p-8; keeping the matmul outputs costs no FLOPs over "none" (README, "Parallelism";
+      # python -m muse_jax.compile ... --remat_policy=sweep)
       scan_layers=True,
-      remat_policy="none",
+      remat_policy="save_dots",
   ))
 
 
