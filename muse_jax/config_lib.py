@@ -187,7 +187,9 @@ def shrink_for_demo(c: ml_collections.ConfigDict, *, image_size: int, patch_size
   m.codebook_size = 1024
   m.decoder.update(z_channels=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8)
   m.dtype = "float32"              # bf16 matmuls are emulated (slow) on CPU
-  m.scan_layers = False            # 1-2 layers: nothing to save, and the demo figures stay
+  # 1-2 layers unrolled, no remat: nothing to save, and the demo figures stay
+  m.scan_layers = False
+  m.remat_policy = "none"
   c.discriminator.update(ndf=32, norm_groups=8)
   c.lpips_width_divisor = 4
   c.batch_size = 8
