@@ -258,14 +258,15 @@ def _train(config, workdir, make_stage, stop_after, profile_steps, preemption, p
            process_count):
   is_lead = process_index == 0
   mesh = sharding.make_mesh(config.mesh)
-  stage = make_stage(config, mesh)
-  state = stage.init()
-  batches = stage.batches(process_index, process_count)
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                      clean_incomplete=True)
   start = ckpt.latest_step()
-  if start is not None:
+  if start is not None:   # before anything compiles: a resume in the other layout stops here
     checkpoint_lib.check_same_layout(config, workdir, "the run in")
+  stage = make_stage(config, mesh)
+  state = stage.init()
+  batches = stage.batches(process_index, process_count)
+  if start is not None:
     state, data_state = ckpt.restore(start, stage.abstract_state)
     batches.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
