@@ -72,8 +72,10 @@ class Models:
       return tokenizer, None, None
     disc = discriminator_lib.PatchGAN(config_lib.discriminator_config(self.config),
                                       rngs=nnx.Rngs(seed + 1))
-    lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(seed + 2),
-                            width_divisor=self.config.lpips_width_divisor)
+    # VGG16 runs in the model's compute dtype, as under LlamaGen's bf16 autocast: at 256 px
+    # its f32 activations were the largest buffers of the step
+    lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(seed + 2), width_divisor=self.config.lpips_width_divisor,
+                            dtype=self.config.model.dtype)
     return tokenizer, disc, lpips
 
   def init(self) -> dict[str, Any]:
