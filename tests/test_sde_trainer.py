@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_same_state, tiny_sde_config
@@ -194,3 +195,14 @@ def test_usage_window_warns_below_floor_and_eval_counts(caplog):
   assert chart.shape == (10, 4, 3) and chart.dtype == np.uint8
   # ranked: the most used entry fills its column, dead entries stay blank
   assert np.all(chart[:, 0] == 40) and np.all(chart[:, 2:] == 255)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lpips_computes_in_the_model_dtype(dtype):
+  # LlamaGen runs LPIPS under its bf16 autocast; in f32 its VGG activations were the
+  # largest buffers of the full-size step
+  config = tiny_sde_config(batch_size=2, total_steps=1, disc_start=0)
+  config.model.dtype = dtype
+  _, _, lpips = sde_trainer.Models(config)._modules()
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  assert lpips.features[0](images).dtype == jnp.dtype(dtype)

@@ -72,8 +72,8 @@ class Models:
       return tokenizer, None, None
     disc = discriminator_lib.PatchGAN(config_lib.discriminator_config(self.config),
                                       rngs=nnx.Rngs(seed + 1))
-    # VGG16 runs in the model's compute dtype, as under LlamaGen's bf16 autocast: at 256 px
-    # its f32 activations were the largest buffers of the step
+    # VGG16 runs in the model's compute dtype, as under LlamaGen's bf16 autocast (in f32 its
+    # activations at 256 px dominate the step's memory)
     lpips = lpips_lib.LPIPS(rngs=nnx.Rngs(seed + 2), width_divisor=self.config.lpips_width_divisor,
                             dtype=self.config.model.dtype)
     return tokenizer, disc, lpips
@@ -246,8 +246,8 @@ def make_steps(models: Models, config: ml_collections.ConfigDict,
 
       def disc_loss(disc_params):
         d = nnx.merge(models.disc_graphdef, disc_params)
-        # one pass over both halves: the same FLOPs, half the kernels to compile (GroupNorm's
-        # statistics are per example, so the halves do not mix)
+        # one pass over both halves: the same FLOPs, one set of kernels, less peak memory on
+        # TPU (GroupNorm's statistics are per example, so the halves do not mix)
         real_logits, fake_logits = jnp.split(d(jnp.concatenate([images, fake])), 2)
         return losses.hinge_discriminator(real_logits, fake_logits), (
             jnp.mean(real_logits), jnp.mean(fake_logits))
